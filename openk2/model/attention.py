@@ -1,0 +1,180 @@
+"""Multi-head Latent Attention (MLA, DeepSeek-V2/V3, Kimi K2).
+
+Per head h the query and key have a non-rotary part (q^C, k^C: from
+up-projections of low-rank latents) and a rotary part (q^R per head, k^R one
+vector shared by all heads). Two forms of the same function:
+
+* naive (training, prefill without cache): expand the latent into per-head
+  keys and values and run causal attention;
+* absorbed (with an `MLACache`): keep only the normalised latent c^KV
+  (kv_lora_rank values) and k^R (qk_rope_head_dim values) per token; fold
+  W^UK into the query and W^UV into the output, so keys/values are never
+  materialised. For K2: 512 + 64 = 576 cached values per token per layer.
+
+QK-Clip needs S_max^h = max over the batch and causal pairs (i, j) of
+q_i^h . k_j^h * softmax_scale. With `track_max_logit = True` the naive path
+computes the attention explicitly (scores, softmax, PV) instead of fused SDPA
+so that the max comes from scores that exist anyway: no extra matmul, but the
+[B, H, T, T] scores are materialised (O(T^2) memory per layer). The running
+max lives in `max_logit` until `reset_max_logit()`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.model.config import K2Config
+from openk2.model.layers import RMSNorm, apply_rope
+
+
+class MLACache:
+    """Absorbed-mode KV cache: per layer the latent c^KV [B, S, kv_lora] and k^R [B, S, rope]."""
+
+    def __init__(self, config: K2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        L = config.num_hidden_layers
+        self.latent = torch.zeros(L, batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device)
+        self.k_rope = torch.zeros(L, batch_size, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0  # tokens already cached (the same for every layer once a forward completes)
+        # [B, max_len] bool: which cached positions are real tokens (False for left padding)
+        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+
+    def values_per_token_per_layer(self) -> int:
+        return self.latent.shape[-1] + self.k_rope.shape[-1]
+
+    def nbytes(self) -> int:
+        return self.latent.numel() * self.latent.element_size() + self.k_rope.numel() * self.k_rope.element_size()
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: K2Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.qk_head_dim = config.qk_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.softmax_scale = config.softmax_scale
+        H, bias = self.num_heads, config.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
+        self.track_max_logit = False
+        self.recompute = False  # selective recomputation: norms and up-projections
+        self.register_buffer("max_logit", torch.full((H,), float("-inf"), dtype=torch.float32), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.max_logit.dtype != torch.float32:  # the statistic stays fp32 under model.to(bf16)
+            self.max_logit = self.max_logit.float()
+        return self
+
+    def reset_max_logit(self) -> None:
+        self.max_logit.fill_(float("-inf"))
+
+    # ------------------------------------------------------------- projections
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.q_lora_rank is None:
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self._queries(x).view(B, T, self.num_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_a_proj_with_mqa(x)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = apply_rope(q_rope, cos, sin)
+        k_rope = apply_rope(k_rope, cos, sin)
+        return q_nope, q_rope, latent, k_rope
+
+    def _expand(self, latent: torch.Tensor, q_nope, q_rope, k_rope):
+        B, T = latent.shape[:2]
+        kv = self.kv_b_proj(latent).view(B, T, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [B, H, T, D]
+        k = torch.cat([k_nope, k_rope[:, :, None, :].expand(B, T, self.num_heads, self.qk_rope_head_dim)], dim=-1)
+        return q, k.transpose(1, 2), v.transpose(1, 2)
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: MLACache | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if cache is not None:
+            return self._forward_absorbed(x, cos, sin, cache)
+        B, T, _ = x.shape
+        if self.recompute and torch.is_grad_enabled():
+            q_nope, q_rope, latent, k_rope = torch.utils.checkpoint.checkpoint(
+                self._project, x, cos, sin, use_reentrant=False)
+            q, k, v = torch.utils.checkpoint.checkpoint(self._expand, latent, q_nope, q_rope, k_rope, use_reentrant=False)
+        else:
+            q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
+            q, k, v = self._expand(latent, q_nope, q_rope, k_rope)
+        if self.track_max_logit or key_padding_mask is not None:
+            out = self._eager(q, k, v, key_padding_mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))
+
+    def _eager(self, q, k, v, key_padding_mask):
+        T, S = q.shape[-2], k.shape[-2]
+        scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.softmax_scale  # [B, H, T, S]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        if key_padding_mask is not None:
+            mask = mask[None, None] & key_padding_mask[:, None, None, :].bool()
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if self.track_max_logit:
+            self._update_max_logit(scores.detach())
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
+        return torch.matmul(probs, v)
+
+    @torch.no_grad()
+    def _update_max_logit(self, scores: torch.Tensor) -> None:
+        m = scores.amax(dim=(0, 2, 3)).float()
+        torch.maximum(self.max_logit, m, out=self.max_logit)
+
+    def _forward_absorbed(self, x: torch.Tensor, cos, sin, cache: MLACache) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
+        start = cache.length
+        end = start + T
+        if end > cache.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > max_len {cache.max_len}")
+        cache.latent[self.layer_idx, :, start:end] = latent.to(cache.latent.dtype)
+        cache.k_rope[self.layer_idx, :, start:end] = k_rope.to(cache.k_rope.dtype)
+        c_kv = cache.latent[self.layer_idx, :, :end].to(x.dtype)  # [B, S, C]
+        k_r = cache.k_rope[self.layer_idx, :, :end].to(x.dtype)  # [B, S, R]
+        w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
+        q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # W^UK absorbed into the query
+        scores = torch.matmul(q_lat, c_kv[:, None].transpose(-1, -2))
+        scores = scores + torch.matmul(q_rope.transpose(1, 2), k_r[:, None].transpose(-1, -2))
+        scores = scores.float() * self.softmax_scale  # [B, H, T, S]
+        pos_q = torch.arange(start, end, device=x.device)
+        mask = torch.arange(end, device=x.device)[None, :] <= pos_q[:, None]  # [T, S]
+        mask = mask[None, None] & cache.valid[:, None, None, :end]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if self.track_max_logit:
+            self._update_max_logit(scores)
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(x.dtype)
+        o_lat = torch.matmul(probs, c_kv[:, None])  # [B, H, T, C]
+        o = torch.einsum("bhtc,hvc->bthv", o_lat, w_uv)  # W^UV absorbed into the output
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_head_dim))

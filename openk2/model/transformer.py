@@ -1,0 +1,225 @@
+"""The K2 causal LM: embeddings -> [MLA + (dense SwiGLU | MoE)] x L -> RMSNorm -> head."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from openk2.model.attention import MLACache, MLAttention
+from openk2.model.config import K2Config
+from openk2.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
+from openk2.model.moe import MoE
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: K2Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLAttention(config, layer_idx)
+        self.mlp: nn.Module = MoE(config) if config.is_moe_layer(layer_idx) else SwiGLU(
+            config.hidden_size, config.intermediate_size)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.recompute_norms = False
+
+    def _norm(self, norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        if self.recompute_norms and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(norm, x, use_reentrant=False)
+        return norm(x)
+
+    def forward(self, x, cos, sin, cache=None, key_padding_mask=None):
+        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, cache, key_padding_mask)
+        return x + self.mlp(self._norm(self.post_attention_layernorm, x))
+
+
+class K2Model(nn.Module):
+    def __init__(self, config: K2Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    def forward(self, input_ids, position_ids=None, cache: MLACache | None = None, key_padding_mask=None):
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+        cos, sin = self.rotary_emb(position_ids)
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cache, key_padding_mask)
+        if cache is not None:
+            cache.length += T
+        return self.norm(h)
+
+
+class K2ForCausalLM(nn.Module):
+    """Kimi K2 / DeepSeek-V3 causal LM.
+
+    `model(input_ids)` returns a `CausalLMOutput` whose `.logits` is [B, T, V];
+    with `labels` (HF convention: shifted inside, -100 ignored) it has `.loss`.
+    """
+
+    def __init__(self, config: K2Config, init_weights: bool = True):
+        super().__init__()
+        self.config = config
+        self.model = K2Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if init_weights:
+            self.init_weights()
+
+    # ----------------------------------------------------------------- init
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if p.device.type == "meta":
+                continue
+            if p.dim() == 1:
+                p.fill_(1.0)  # RMSNorm scales (attention biases, if any, are zeroed below)
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None and m.bias.device.type != "meta":
+                m.bias.zero_()
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)create non-persistent buffers, e.g. after `to_empty` from the meta device."""
+        device = device or self.lm_head.weight.device
+        if torch.device(device).type == "meta":
+            return
+        self.model.rotary_emb.reset_parameters(torch.device(device))
+        for m in self.modules():
+            if isinstance(m, MLAttention):
+                m.max_logit = torch.full((m.num_heads,), float("-inf"), dtype=torch.float32, device=device)
+            elif isinstance(m, MoE):
+                m.tokens_per_expert = torch.zeros(m.n_experts, dtype=torch.long, device=device)
+                if m.gate.e_score_correction_bias.device.type == "meta":
+                    m.gate.e_score_correction_bias = torch.zeros(m.n_experts, device=device)
+
+    # --------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids=None,
+                cache: MLACache | None = None, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        key_padding_mask = None
+        if attention_mask is not None and cache is None and not bool(attention_mask.all()):
+            key_padding_mask = attention_mask.bool()
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        h = self.model(input_ids, position_ids, cache, key_padding_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------- training hooks
+    def attention_layers(self) -> list[MLAttention]:
+        return [layer.self_attn for layer in self.model.layers]
+
+    def moe_layers(self) -> list[MoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def set_track_max_logit(self, enabled: bool = True) -> None:
+        for a in self.attention_layers():
+            a.track_max_logit = enabled
+
+    def max_logits(self) -> torch.Tensor:
+        """[num_layers, num_heads] running S_max^h since the last reset."""
+        return torch.stack([a.max_logit for a in self.attention_layers()])
+
+    def reset_max_logits(self) -> None:
+        for a in self.attention_layers():
+            a.reset_max_logit()
+
+    @torch.no_grad()
+    def update_router_biases(self, rate: float | None = None) -> dict[str, float]:
+        """One auxiliary-loss-free balancing step on every MoE layer; counts are summed across ranks."""
+        rate = self.config.router_bias_update_rate if rate is None else rate
+        layers = self.moe_layers()
+        if not layers:
+            return {}
+        counts = torch.stack([m.tokens_per_expert for m in layers])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        stats = [m.update_bias(rate, c) for m, c in zip(layers, counts)]
+        return {
+            "expert_load_max_over_mean": max(s["max_over_mean"] for s in stats),
+            "expert_load_min_over_mean": min(s["min_over_mean"] for s in stats),
+        }
+
+    def set_recompute(self, mode: str = "selective") -> None:
+        """Activation recomputation: 'none', or 'selective' (K2's list: norms, SwiGLU, MLA up-projections, MoE down-projection inputs)."""
+        if mode not in ("none", "selective"):
+            raise ValueError(f"recompute mode must be 'none' or 'selective', got {mode!r}")
+        on = mode == "selective"
+        for m in self.modules():
+            if isinstance(m, DecoderLayer):
+                m.recompute_norms = on
+            if hasattr(m, "recompute"):
+                m.recompute = on
+
+    # ------------------------------------------------------------- counting
+    def num_parameters(self) -> dict[str, int]:
+        return count_parameters(self)
+
+    # ------------------------------------------------------------ inference
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_p: float = 1.0, eos_token_id: int | list[int] | None = None,
+                 attention_mask: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 cache_dtype: torch.dtype | None = None) -> torch.Tensor:
+        from openk2.model.generate import generate
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        eos_token_id=eos_token_id, attention_mask=attention_mask, generator=generator,
+                        cache_dtype=cache_dtype)
+
+    # ----------------------------------------------------------- checkpoints
+    def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB",
+                        dtype: torch.dtype | None = None) -> Path:
+        from openk2.model.checkpoint import save_pretrained
+        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> "K2ForCausalLM":
+        from openk2.model.checkpoint import from_pretrained
+        return from_pretrained(path, dtype=dtype, device=device)
+
+
+def count_parameters(model: K2ForCausalLM) -> dict[str, int]:
+    """Total and activated (per token: k of E routed experts) parameter counts. Works on meta tensors."""
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for m in model.moe_layers():
+        per_expert = sum(p[0].numel() for p in m.experts.parameters())
+        inactive += per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
+    return {"total": total, "activated": total - inactive}
+
+
+def build_model(config: K2Config, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> K2ForCausalLM:
+    """Build a randomly initialised model (use device='meta' to count without allocating)."""
+    with torch.device(device):
+        model = K2ForCausalLM(config, init_weights=torch.device(device).type != "meta")
+    if dtype is not None:
+        model.to(dtype)
+    return model
