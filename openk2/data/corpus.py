@@ -312,3 +312,27 @@ def collect(cfg: CorpusConfig) -> dict[tuple[str, str], list[Document]]:
     for docs in groups.values():
         docs.sort(key=lambda d: shuffle_key(d, cfg.seed))
     return groups
+
+
+def sample_for_tokenizer(
+    groups: dict[tuple[str, str], list[Document]], max_bytes: int, weights: dict[str, float]
+) -> list[Document]:
+    """Train documents for BPE training: each domain up to weight * max_bytes.
+
+    Uses the seeded document order of `collect`, so the sample is deterministic;
+    val documents never enter the tokenizer.
+    """
+    total_w = sum(w for d, w in weights.items() if w > 0 and ("train", d) in groups)
+    out: list[Document] = []
+    for (split, domain), docs in sorted(groups.items()):
+        w = weights.get(domain, 0.0)
+        if split != "train" or w <= 0:
+            continue
+        budget = max_bytes * w / total_w
+        used = 0
+        for doc in docs:
+            if used >= budget:
+                break
+            out.append(doc)
+            used += len(doc.text.encode("utf-8"))
+    return out

@@ -30,6 +30,7 @@ from openk2.data.tokenizer import Tokenizer, load_tokenizer
 from openk2.errors import DataError
 
 FORMAT = "openk2-packed-corpus/1"
+DEFAULT_DATA_DIR = "runs/data"
 INDEX_JSON = "index.json"
 TOKENIZER_DIR = "tokenizer"
 _ENCODE_BATCH = 256

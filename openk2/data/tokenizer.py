@@ -410,3 +410,33 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def train_tokenizer(
+    corpus_config=None,
+    vocab_size: int = DEFAULT_VOCAB_SIZE,
+    *,
+    sample_bytes: int = 8_000_000,
+    weights: dict[str, float] | None = None,
+    show_progress: bool = False,
+) -> tuple[Tokenizer, dict]:
+    """Train the BPE on a mixture-weighted sample of the corpus' train split.
+
+    Returns (tokenizer, stats) with stats: sample bytes per domain, seconds.
+    """
+    import time
+
+    from openk2.data.corpus import CorpusConfig, collect, get_preset, sample_for_tokenizer
+    from openk2.data.packing import DEFAULT_MIXTURE
+
+    cfg = get_preset(corpus_config) if isinstance(corpus_config, str) else (corpus_config or CorpusConfig())
+    groups = collect(cfg)
+    docs = sample_for_tokenizer(groups, sample_bytes, weights or DEFAULT_MIXTURE)
+    if not docs:
+        raise DataError("tokenizer training sample is empty (no train documents in the corpus)")
+    per_domain: dict[str, int] = {}
+    for d in docs:
+        per_domain[d.domain] = per_domain.get(d.domain, 0) + len(d.text.encode("utf-8"))
+    t0 = time.perf_counter()
+    tok = train_bpe((d.text for d in docs), vocab_size, show_progress=show_progress, length=len(docs))
+    return tok, {"sample_bytes": per_domain, "seconds": time.perf_counter() - t0, "documents": len(docs)}
