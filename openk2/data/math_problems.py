@@ -39,11 +39,17 @@ _OPS = {
 def _const(node: ast.AST) -> Fraction | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
         return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        inner = _const(node.operand)
-        if inner is not None:
-            return -inner if isinstance(node.op, ast.USub) else inner
     return None
+
+
+class _FoldSignedLiterals(ast.NodeTransformer):
+    # "-5" parses as USub(5): a literal, not an operation worth a line
+    def visit_UnaryOp(self, node: ast.UnaryOp) -> ast.AST:
+        self.generic_visit(node)
+        if isinstance(node.op, (ast.USub, ast.UAdd)) and isinstance(node.operand, ast.Constant):
+            v = node.operand.value
+            return ast.Constant(-v if isinstance(node.op, ast.USub) else v)
+        return node
 
 
 def _reduce_once(node: ast.AST) -> tuple[ast.AST, str]:
@@ -60,6 +66,11 @@ def _reduce_once(node: ast.AST) -> tuple[ast.AST, str]:
         setattr(node, side, new)
         return node, step
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        inner = _const(node.operand)
+        if inner is not None:  # the sign of a computed value: its own step
+            value = -inner if isinstance(node.op, ast.USub) else inner
+            sign = "-" if isinstance(node.op, ast.USub) else "+"
+            return ast.Constant(int(value)), f"{sign}({_fmt(inner)}) = {_fmt(value)}"
         node.operand, step = _reduce_once(node.operand)
         return node, step
     raise ValueError(f"unsupported expression node {type(node).__name__}")
@@ -67,7 +78,7 @@ def _reduce_once(node: ast.AST) -> tuple[ast.AST, str]:
 
 def arithmetic_steps(expression: str) -> list[str]:
     """['775 * -986 = -764150', ...]: one operation per line, in evaluation order."""
-    tree = ast.parse(expression.replace("×", "*").replace("÷", "/"), mode="eval").body
+    tree = _FoldSignedLiterals().visit(ast.parse(expression.replace("×", "*").replace("÷", "/"), mode="eval").body)
     steps: list[str] = []
     for _ in range(64):
         if _const(tree) is not None:
