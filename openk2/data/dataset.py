@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openk2.data.corpus import CorpusConfig, Document, collect, get_preset
+from openk2.data.corpus import CorpusConfig, Document, collect, get_preset, uses_evals
 from openk2.data.progress import progress_bar
 from openk2.data.tokenizer import Tokenizer, load_tokenizer
 from openk2.errors import DataError
@@ -47,6 +47,8 @@ def corpus_fingerprint(cfg: CorpusConfig, tokenizer: Tokenizer) -> str:
         "tokenizer": tokenizer.fingerprint,
         # the code domain is this interpreter's standard library
         "python": f"{sys.version_info.major}.{sys.version_info.minor}" if cfg.stdlib else None,
+        # optional source: whether it was found changes the corpus
+        "evals": uses_evals(cfg),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
