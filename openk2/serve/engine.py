@@ -1,0 +1,230 @@
+"""Batched decoding for serving: one loop, many requests, each with its own sampling settings.
+
+:func:`generate_batch` prefills a left-padded batch, then decodes one token per
+row per step; rows that finish (a stop token, a stop string, max_tokens, a
+completed JSON value, a cancelled client) leave the KV cache at once, so the
+batch shrinks instead of carrying dead rows.
+
+:class:`Engine` runs that loop on a background thread for the HTTP server:
+requests that arrive while a batch is running wait for the next one; a short
+collection window lets requests that arrive together share a batch (static
+batching; no joining mid-batch).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from openk2.errors import OpenK2Error
+
+
+class EngineClosed(OpenK2Error):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    json_schema: dict[str, Any] | None = None
+    banned_ids: Sequence[int] = ()  # never sampled (e.g. the tool-call section under tool_choice="none")
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # called on the engine thread after each new token (and once more at the end with None)
+    on_token: Callable[["GenRequest", int | None], None] | None = None
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded output so far (special tokens kept)
+    finish_reason: str | None = None  # stop | length | cancelled | error
+    error: str | None = None
+    cancelled: bool = False
+    created: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    _constraint: Any = None
+    _generator: torch.Generator | None = None
+
+    def wait(self, timeout: float | None = None) -> "GenRequest":
+        self.done.wait(timeout)
+        return self
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix reaching top_p
+        probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _finish(req: GenRequest, reason: str) -> None:
+    req.finish_reason = reason
+    req.finished_at = time.perf_counter()
+    if req.on_token is not None:
+        try:
+            req.on_token(req, None)
+        except Exception:  # a consumer's callback must not take the batch down
+            pass
+    req.done.set()
+
+
+def _hit_stop_string(req: GenRequest) -> bool:
+    for s in req.params.stop:
+        if s and s in req.text:
+            req.text = req.text[: req.text.index(s)]
+            return True
+    return False
+
+
+def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
+    """Decode every request to its end (fills output_ids, text, finish_reason)."""
+    from openk2.serve.constrained import SchemaGrammar, TokenConstraint
+
+    backend = chat_model.backend
+    live = [r for r in requests if not r.cancelled]
+    for r in requests:
+        if r.cancelled:
+            _finish(r, "cancelled")
+    if not live:
+        return
+    for r in live:
+        if r.params.seed is not None:
+            r._generator = torch.Generator().manual_seed(int(r.params.seed))
+        if r.params.json_schema is not None:
+            r._constraint = TokenConstraint(SchemaGrammar(r.params.json_schema), chat_model.token_vocab())
+    stop_ids = set(chat_model.stop_ids)
+    max_new = max(r.params.max_tokens for r in live)
+    try:
+        logits, state = backend.prefill([r.prompt_ids for r in live], max_new)
+    except Exception as e:  # e.g. out of memory: fail these requests, keep serving
+        for r in live:
+            r.error = f"{type(e).__name__}: {e}"
+            _finish(r, "error")
+        return
+    while live:
+        tokens, keep = [], []
+        for row, r in enumerate(live):
+            if r.cancelled:
+                _finish(r, "cancelled")
+                continue
+            p = r.params
+            row_logits = logits[row]
+            if p.banned_ids:
+                row_logits = row_logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
+            if r._constraint is not None:
+                tok = r._constraint.choose(row_logits, p.temperature, p.top_p, r._generator)
+                r._constraint.accept(tok)
+            else:
+                tok = _sample(row_logits, p.temperature, p.top_p, r._generator)
+            if r.first_token_at is None:
+                r.first_token_at = time.perf_counter()
+            if tok in stop_ids:
+                _finish(r, "stop")
+                continue
+            r.output_ids.append(tok)
+            r.text = chat_model.decode(r.output_ids)
+            hit_stop = _hit_stop_string(r)  # before on_token, so a stream never shows the stop string
+            if r.on_token is not None:
+                r.on_token(r, tok)
+            if hit_stop or (r._constraint is not None and r._constraint.complete):
+                _finish(r, "stop")
+            elif len(r.output_ids) >= p.max_tokens:
+                _finish(r, "length")
+            else:
+                tokens.append(tok)
+                keep.append(row)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            rows = torch.tensor(keep, dtype=torch.long)
+            state = backend.select(state, rows)
+        live = [live[i] for i in keep]
+        try:
+            logits = backend.decode(state, torch.tensor(tokens, dtype=torch.long))
+        except Exception as e:
+            for r in live:
+                r.error = f"{type(e).__name__}: {e}"
+                _finish(r, "error")
+            return
+
+
+class Engine:
+    """A background thread that batches queued requests through :func:`generate_batch`."""
+
+    def __init__(self, chat_model: Any, max_batch_size: int = 16, batch_window_s: float = 0.005) -> None:
+        self.chat_model = chat_model
+        self.max_batch_size = max_batch_size
+        self.batch_window_s = batch_window_s
+        self._queue: queue.Queue[GenRequest | None] = queue.Queue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
+        self.stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch": 0}
+        self._thread.start()
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        if self._closed:
+            raise EngineClosed("the server is shutting down")
+        self._queue.put(req)
+        return req
+
+    def generate(self, req: GenRequest, timeout: float | None = None) -> GenRequest:
+        return self.submit(req).wait(timeout)
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + self.batch_window_s
+            stop_after = False
+            while len(batch) < self.max_batch_size:
+                timeout = deadline - time.perf_counter()
+                try:
+                    nxt = self._queue.get(timeout=max(timeout, 0)) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop_after = True
+                    break
+                batch.append(nxt)
+            try:
+                generate_batch(self.chat_model, batch)
+            except Exception as e:  # never leave a waiting client hanging
+                for r in batch:
+                    if not r.done.is_set():
+                        r.error = f"{type(e).__name__}: {e}"
+                        _finish(r, "error")
+            self.stats["batches"] += 1
+            self.stats["requests"] += len(batch)
+            self.stats["generated_tokens"] += sum(len(r.output_ids) for r in batch)
+            self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
+            if stop_after:
+                return
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Take no new requests, finish the queued and running ones, stop the thread."""
+        if not self._closed:
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout)
