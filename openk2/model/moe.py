@@ -37,6 +37,8 @@ def _grouped_mm_ok(a: torch.Tensor) -> bool:
 
 def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """y[rows of group e] = x[rows of group e] @ w[e].T for x [M, K] sorted by group, w [E, N, K]."""
+    if w.dtype != x.dtype:  # under autocast the activations are bf16, the master weights fp32
+        w = w.to(x.dtype)
     if _grouped_mm_ok(x):
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     # Fallback (older torch / other devices): one matmul per non-empty group.
