@@ -48,6 +48,7 @@ class GenRequest:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""  # decoded output so far (special tokens kept)
     finish_reason: str | None = None  # stop | length | cancelled | error
+    stop_token: int | None = None  # the stop token that ended it (sampled, not in output_ids)
     error: str | None = None
     cancelled: bool = False
     created: float = field(default_factory=time.perf_counter)
@@ -135,6 +136,7 @@ def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
             if r.first_token_at is None:
                 r.first_token_at = time.perf_counter()
             if tok in stop_ids:
+                r.stop_token = tok
                 _finish(r, "stop")
                 continue
             r.output_ids.append(tok)
@@ -188,6 +190,7 @@ class Engine:
 
     @property
     def pending(self) -> int:
+        """Requests waiting for a batch (not counting the running one)."""
         return self._queue.qsize()
 
     def _run(self) -> None:

