@@ -228,7 +228,7 @@ def _write_shard(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: 
 def build_dataset(
     out_dir: str | os.PathLike,
     tokenizer: Tokenizer,
-    corpus_config: CorpusConfig | str | None = None,
+    corpus_config: CorpusConfig | dict | str | None = None,
     progress: bool = True,
     force: bool = False,
 ) -> CorpusIndex:
@@ -237,7 +237,12 @@ def build_dataset(
     Up to date means: index.json has the fingerprint of (corpus config,
     tokenizer, format, Python version) and every shard has its indexed size.
     """
-    cfg = get_preset(corpus_config) if isinstance(corpus_config, str) else (corpus_config or CorpusConfig())
+    if isinstance(corpus_config, str):
+        cfg = get_preset(corpus_config)
+    elif isinstance(corpus_config, dict):
+        cfg = CorpusConfig.from_dict(corpus_config)
+    else:
+        cfg = corpus_config or CorpusConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = corpus_fingerprint(cfg, tokenizer)
