@@ -155,7 +155,7 @@ class ChatRequest:
     tool_choice: Any = None
     json_schema: dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
-    max_tokens: int = 512
+    max_tokens: int | None = None  # None: the endpoint's default
     temperature: float = 0.0
     top_p: float = 1.0
     stop: list[str] | None = None
@@ -165,10 +165,11 @@ class ChatRequest:
         body: dict[str, Any] = {
             "model": self.model,
             "messages": self.messages,
-            "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
         }
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
         if self.tools:
             body["tools"] = self.tools
         if self.tool_choice is not None:
@@ -270,7 +271,7 @@ class LLMClient:
         tool_choice: Any = None,
         json_schema: dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] | None = None,
@@ -296,7 +297,7 @@ class LLMClient:
         tool_choice: Any = None,
         json_schema: dict[str, Any] | None = None,
         response_format: dict[str, Any] | None = None,
-        max_tokens: int = 512,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] | None = None,
@@ -333,7 +334,7 @@ class LLMClient:
             tool_choice=tool_choice,
             json_schema=json_schema,
             response_format=response_format,
-            max_tokens=int(max_tokens),
+            max_tokens=None if max_tokens is None else int(max_tokens),
             temperature=float(temperature),
             top_p=float(top_p),
             stop=list(stop) if stop else None,

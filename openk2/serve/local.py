@@ -44,12 +44,14 @@ class LocalClient(LLMClient):
         schema_retries: int = 2,
         max_batch_size: int = 16,
         cache_dir: str | os.PathLike | None = None,
+        default_max_tokens: int = 512,
     ) -> None:
         super().__init__()
         self.chat_model = model if isinstance(model, ChatModel) else load_chat_model(model, dtype)
         self.model = self.chat_model.name
         self.schema_retries = schema_retries
         self.max_batch_size = max_batch_size
+        self.default_max_tokens = default_max_tokens
         self.cache = DiskCache(cache_dir) if cache_dir else None
         self._lock = threading.Lock()  # one decode loop at a time; torch uses the cores
 
@@ -59,7 +61,7 @@ class LocalClient(LLMClient):
 
     # -- one request
     def _prepare(self, req: ChatRequest) -> tuple[GenRequest, Any]:
-        params = SamplingParams(req.max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop or ()),
+        params = SamplingParams(req.max_tokens or self.default_max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop or ()),
                                 _response_schema(req))
         ids, params, plan = self.chat_model.prepare_chat(req.messages, req.tools, req.tool_choice, params)
         return GenRequest(ids, params), plan
@@ -110,7 +112,7 @@ class LocalClient(LLMClient):
             kw = dict(kw)
             try:
                 req = self._request(kw.pop("messages"), kw.pop("tools", None), kw.pop("tool_choice", None),
-                                    kw.pop("json_schema", None), kw.pop("response_format", None), kw.pop("max_tokens", 512),
+                                    kw.pop("json_schema", None), kw.pop("response_format", None), kw.pop("max_tokens", None),
                                     kw.pop("temperature", 0.0), kw.pop("top_p", 1.0), kw.pop("stop", None), kw.pop("seed", None))
                 if kw:
                     raise TypeError(f"unexpected arguments: {', '.join(kw)}")
