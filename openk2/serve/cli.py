@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="an openk2 checkpoint directory, a .gguf file, or 'smollm2'")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed in the banner)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the directory name)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
@@ -68,18 +68,57 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+class _QuietSignals:
+    """SIGINT/SIGTERM start a graceful shutdown and the command then exits 0 (uvicorn's
+    own handler re-raises the signal after draining, which reads as a crash)."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.saved = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.saved[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, sig, frame) -> None:
+        if self.server.should_exit:  # a second signal: stop waiting for in-flight requests
+            self.server.force_exit = True
+        self.server.should_exit = True
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self.saved.items():
+            signal.signal(sig, handler)
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def capture_signals(self):
+            return _QuietSignals(self)
+
+    return Server
+
+
 def serve_forever(app, host: str, port: int, graceful_timeout: float = 30.0, banner: str = "") -> None:
     import uvicorn
 
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout)
-    server = uvicorn.Server(config)
+    server = _server_class()(config)
     original_startup = server.startup
 
-    async def startup(sockets=None):  # print the banner once the socket is bound
+    async def startup(sockets=None):  # print the banner once the socket is bound (with the real port for --port 0)
         await original_startup(sockets=sockets)
         if server.started and banner:
-            print(banner, flush=True)
+            bound = next((s.getsockname()[1] for srv in server.servers for s in srv.sockets), port)
+            print(banner.replace(f":{port}/", f":{bound}/"), flush=True)
 
     server.startup = startup
     server.run()

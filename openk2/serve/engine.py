@@ -37,6 +37,7 @@ class SamplingParams:
     stop: Sequence[str] = ()
     json_schema: dict[str, Any] | None = None
     banned_ids: Sequence[int] = ()  # never sampled (e.g. the tool-call section under tool_choice="none")
+    ignore_eos: bool = False  # decode exactly max_tokens (benchmarks; vLLM's extension of the API)
 
 
 @dataclass
@@ -135,7 +136,7 @@ def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
                 tok = _sample(row_logits, p.temperature, p.top_p, r._generator)
             if r.first_token_at is None:
                 r.first_token_at = time.perf_counter()
-            if tok in stop_ids:
+            if tok in stop_ids and not p.ignore_eos:
                 r.stop_token = tok
                 _finish(r, "stop")
                 continue

@@ -102,6 +102,7 @@ def _common(body: dict, limits: ServerLimits, default_max_tokens: int) -> Sampli
         top_p=_num(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=_int(body, "seed", None, -(2**63), 2**63 - 1),
         stop=_stop(body),
+        ignore_eos=bool(body.get("ignore_eos", False)),
     )
 
 
