@@ -124,18 +124,18 @@ def test_same_seed_same_stream_other_seed_other_stream(data_dir):
 
 def test_resume_gives_identical_batches(data_dir, tmp_path):
     ds = PackedDataset(data_dir, "val", seq_len=SEQ, seed=5)  # small: runs through epochs
-    it = ds.batches(12)
+    it = ds.batches(24)
     for _ in range(7):
         next(it)
     path = tmp_path / "state.pt"
     torch.save(ds.state_dict(), path)
-    expected = list(islice(it, 30))
+    expected = list(islice(it, 60))
     resumed = PackedDataset(data_dir, "val", seq_len=SEQ, seed=5)
     resumed.load_state_dict(torch.load(path))
-    got = list(islice(resumed.batches(12), 30))
+    got = list(islice(resumed.batches(24), 60))
     assert all(torch.equal(x, y) for x, y in zip(expected, got))
-    assert resumed.draws == ds.draws and resumed.sample_index == (7 + 30) * 12
-    assert max(ds.draws[d] // ds.num_windows[d] for d in ds.domains) >= 1  # crossed an epoch
+    assert resumed.draws == ds.draws and resumed.sample_index == (7 + 60) * 24
+    assert min(ds.draws[d] // ds.num_windows[d] for d in ("code", "math")) >= 1, ds.num_windows  # crossed epochs
     # json round trip works too
     again = PackedDataset(data_dir, "val", seq_len=SEQ, seed=5)
     again.load_state_dict(json.loads(json.dumps(ds.state_dict())))

@@ -19,12 +19,12 @@ hash of that provenance, so it never depends on build order or machine.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import importlib.util
 import json
 import math
 import os
-import sys
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -71,6 +71,8 @@ class CorpusConfig:
     bible_max_books: int | None = None
     stdlib: bool = True
     stdlib_max_files: int | None = None
+    # fnmatch patterns on paths relative to the stdlib root ("json/*.py"); None = all
+    stdlib_include: list[str] | None = None
     stdlib_max_file_bytes: int = 200_000
     math_problems: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MATH_PROBLEMS))
     # Wikipedia/OpenWebText excerpts from the `evals` package: None = use them
@@ -108,12 +110,16 @@ CORPUS_PRESETS: dict[str, CorpusConfig] = {
         stdlib_max_files=120,
         math_problems={k: max(100, v // 5) for k, v in DEFAULT_MATH_PROBLEMS.items()},
     ),
-    # well under 1 MB, for tests
+    # about 1 MB, for tests; named stdlib files that every Python 3.11+ has
     "tiny": CorpusConfig(
         name="tiny",
         shakespeare_max_plays=2,
         bible_max_books=2,
-        stdlib_max_files=16,
+        stdlib_include=[
+            "json/*.py", "html/*.py", "textwrap.py", "heapq.py", "bisect.py", "string.py", "copy.py", "glob.py",
+            "shlex.py", "colorsys.py", "keyword.py", "operator.py", "graphlib.py", "reprlib.py",
+            "fnmatch.py", "getpass.py", "shelve.py",
+        ],
         math_problems={"gsm_symbolic": 150, "gcd": 60, "prime_factorization": 60},
         max_doc_chars=8_000,
         val_fraction=0.1,
@@ -237,8 +243,12 @@ def stdlib_files(cfg: CorpusConfig) -> list[Path]:
         # sorted walk: the same file order on every machine with this Python
         dirs[:] = sorted(x for x in dirs if x not in _STDLIB_SKIP_DIRS and not x.startswith(("test_", "config-")))
         for f in sorted(files):
-            if f.endswith(".py") and not f.startswith("test_"):
+            # _sysconfigdata*: generated per machine, configuration rather than code
+            if f.endswith(".py") and not f.startswith(("test_", "_sysconfigdata")):
                 p = Path(d) / f
+                rel = p.relative_to(root).as_posix()
+                if cfg.stdlib_include is not None and not any(fnmatch.fnmatchcase(rel, pat) for pat in cfg.stdlib_include):
+                    continue
                 if p.stat().st_size <= cfg.stdlib_max_file_bytes:
                     out.append(p)
     return out
@@ -246,7 +256,7 @@ def stdlib_files(cfg: CorpusConfig) -> list[Path]:
 
 def stdlib_documents(cfg: CorpusConfig) -> Iterator[Document]:
     root = Path(sysconfig.get_paths()["stdlib"])
-    source = f"python{sys.version_info.major}.{sys.version_info.minor}-stdlib"
+    source = "python-stdlib"  # the version is in the index (and the fingerprint), not the key: splits stay put across Pythons
     files = stdlib_files(cfg)
     if cfg.stdlib_max_files is not None:
         files = files[: cfg.stdlib_max_files]
