@@ -135,6 +135,19 @@ def get_preset(name: str) -> CorpusConfig:
         raise DataError(f"unknown corpus preset {name!r} (choose from {', '.join(CORPUS_PRESETS)})") from None
 
 
+def resolve_config(config: CorpusConfig | dict | str | None) -> CorpusConfig:
+    """A preset name, a dict (CorpusConfig fields) or a CorpusConfig; None is the default."""
+    if config is None:
+        return CorpusConfig()
+    if isinstance(config, str):
+        return get_preset(config)
+    if isinstance(config, dict):
+        return CorpusConfig.from_dict(config)
+    if isinstance(config, CorpusConfig):
+        return config
+    raise DataError(f"corpus config must be a preset name, a dict or a CorpusConfig, not {type(config).__name__}")
+
+
 # ---------------------------------------------------------------------------
 # split and order
 

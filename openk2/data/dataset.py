@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from openk2.data.corpus import CorpusConfig, Document, collect, get_preset, uses_evals
+from openk2.data.corpus import CorpusConfig, Document, collect, resolve_config, uses_evals
 from openk2.data.progress import progress_bar
 from openk2.data.tokenizer import Tokenizer, load_tokenizer
 from openk2.errors import DataError
@@ -237,12 +237,7 @@ def build_dataset(
     Up to date means: index.json has the fingerprint of (corpus config,
     tokenizer, format, Python version) and every shard has its indexed size.
     """
-    if isinstance(corpus_config, str):
-        cfg = get_preset(corpus_config)
-    elif isinstance(corpus_config, dict):
-        cfg = CorpusConfig.from_dict(corpus_config)
-    else:
-        cfg = corpus_config or CorpusConfig()
+    cfg = resolve_config(corpus_config)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = corpus_fingerprint(cfg, tokenizer)

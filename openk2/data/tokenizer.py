@@ -426,10 +426,10 @@ def train_tokenizer(
     """
     import time
 
-    from openk2.data.corpus import CorpusConfig, collect, get_preset, sample_for_tokenizer
+    from openk2.data.corpus import collect, resolve_config, sample_for_tokenizer
     from openk2.data.packing import DEFAULT_MIXTURE
 
-    cfg = get_preset(corpus_config) if isinstance(corpus_config, str) else (corpus_config or CorpusConfig())
+    cfg = resolve_config(corpus_config)
     groups = collect(cfg)
     docs = sample_for_tokenizer(groups, sample_bytes, weights or DEFAULT_MIXTURE)
     if not docs:
