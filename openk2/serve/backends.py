@@ -69,6 +69,28 @@ class K2Backend:
         state["pos"] = state["pos"] + 1
         return out.logits[:, -1].float()
 
+    def merge(self, a: Any, b: Any) -> Any:
+        """One cache for the rows of two: both right-aligned at the longer length.
+
+        Rotary positions live in k^R already, so moving a row's cache slots
+        changes nothing; the ``valid`` mask hides the left padding.
+        """
+        from openk2.model.attention import MLACache
+
+        ca, cb = a["cache"], b["cache"]
+        La, Lb = ca.length, cb.length
+        L = max(La, Lb)
+        room = max(ca.max_len - La, cb.max_len - Lb)
+        Ba, Bb = ca.latent.shape[1], cb.latent.shape[1]
+        c = MLACache(self.model.config, Ba + Bb, L + room, ca.latent.dtype, ca.latent.device)
+        c.valid[:, :L] = False
+        for (src, n), rows in (((ca, La), slice(0, Ba)), ((cb, Lb), slice(Ba, Ba + Bb))):
+            c.latent[:, rows, L - n : L] = src.latent[:, :, :n]
+            c.k_rope[:, rows, L - n : L] = src.k_rope[:, :, :n]
+            c.valid[rows, L - n : L] = src.valid[:, :n]
+        c.length = L
+        return {"cache": c, "pos": torch.cat([a["pos"], b["pos"]])}
+
     def select(self, state: Any, rows: torch.Tensor) -> Any:
         c = state["cache"]
         c.latent, c.k_rope, c.valid = c.latent[:, rows], c.k_rope[:, rows], c.valid[rows]

@@ -1,14 +1,13 @@
 """Batched decoding for serving: one loop, many requests, each with its own sampling settings.
 
-:func:`generate_batch` prefills a left-padded batch, then decodes one token per
+:class:`DecodeBatch` prefills a left-padded batch, then decodes one token per
 row per step; rows that finish (a stop token, a stop string, max_tokens, a
 completed JSON value, a cancelled client) leave the KV cache at once, so the
-batch shrinks instead of carrying dead rows.
+batch shrinks instead of carrying dead rows, and new rows can join between
+steps (continuous batching) when the backend merges KV caches.
 
-:class:`Engine` runs that loop on a background thread for the HTTP server:
-requests that arrive while a batch is running wait for the next one; a short
-collection window lets requests that arrive together share a batch (static
-batching; no joining mid-batch).
+:class:`Engine` runs that loop on a background thread for the HTTP server;
+:func:`generate_batch` runs it to the end for in-process callers.
 """
 
 from __future__ import annotations
@@ -94,81 +93,130 @@ def _hit_stop_string(req: GenRequest) -> bool:
     return False
 
 
-def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
-    """Decode every request to its end (fills output_ids, text, finish_reason)."""
-    from openk2.serve.constrained import SchemaGrammar, TokenConstraint
+class DecodeBatch:
+    """The rows being decoded together and their KV cache.
 
-    backend = chat_model.backend
-    live = [r for r in requests if not r.cancelled]
-    for r in requests:
-        if r.cancelled:
-            _finish(r, "cancelled")
-    if not live:
-        return
-    for r in live:
-        if r.params.seed is not None:
-            r._generator = torch.Generator().manual_seed(int(r.params.seed))
-        if r.params.json_schema is not None:
-            r._constraint = TokenConstraint(SchemaGrammar(r.params.json_schema), chat_model.token_vocab())
-    stop_ids = set(chat_model.stop_ids)
-    max_new = max(r.params.max_tokens for r in live)
-    try:
-        logits, state = backend.prefill([r.prompt_ids for r in live], max_new)
-    except Exception as e:  # e.g. out of memory: fail these requests, keep serving
-        for r in live:
-            r.error = f"{type(e).__name__}: {e}"
-            _finish(r, "error")
-        return
-    while live:
-        tokens, keep = [], []
-        for row, r in enumerate(live):
+    ``add`` prefills new requests and, when the backend can merge caches,
+    joins them to the running rows (continuous batching); ``step`` samples one
+    token for every row, retires finished rows and runs one decode forward.
+    """
+
+    def __init__(self, chat_model: Any) -> None:
+        self.chat_model = chat_model
+        self.backend = chat_model.backend
+        self.stop_ids = set(chat_model.stop_ids)
+        self.live: list[GenRequest] = []
+        self.state: Any = None
+        self.logits: torch.Tensor | None = None
+
+    @property
+    def can_join(self) -> bool:
+        """New rows may join a running batch (else they wait for it to drain)."""
+        return not self.live or hasattr(self.backend, "merge")
+
+    def add(self, requests: Sequence[GenRequest]) -> None:
+        from openk2.serve.constrained import SchemaGrammar, TokenConstraint
+
+        new = []
+        for r in requests:
             if r.cancelled:
                 _finish(r, "cancelled")
                 continue
-            p = r.params
-            row_logits = logits[row]
-            if p.banned_ids:
-                row_logits = row_logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
-            if r._constraint is not None:
-                tok = r._constraint.choose(row_logits, p.temperature, p.top_p, r._generator)
-                r._constraint.accept(tok)
-            else:
-                tok = _sample(row_logits, p.temperature, p.top_p, r._generator)
+            try:
+                if r.params.seed is not None:
+                    r._generator = torch.Generator().manual_seed(int(r.params.seed))
+                if r.params.json_schema is not None:
+                    r._constraint = TokenConstraint(SchemaGrammar(r.params.json_schema), self.chat_model.token_vocab())
+            except Exception as e:  # e.g. a schema the constraint compiler rejects
+                r.error = f"{type(e).__name__}: {e}"
+                _finish(r, "error")
+                continue
+            new.append(r)
+        if not new:
+            return
+        try:
+            logits, state = self.backend.prefill([r.prompt_ids for r in new], max(r.params.max_tokens for r in new))
+        except Exception as e:  # e.g. out of memory: fail these requests, keep serving the others
+            for r in new:
+                r.error = f"{type(e).__name__}: {e}"
+                _finish(r, "error")
+            return
+        if self.live:
+            self.state = self.backend.merge(self.state, state)
+            self.logits = torch.cat([self.logits, logits])
+        else:
+            self.state, self.logits = state, logits
+        self.live.extend(new)
+
+    def _next_token(self, r: GenRequest, logits: torch.Tensor) -> int:
+        p = r.params
+        if p.banned_ids:
+            logits = logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
+        if r._constraint is not None:
+            tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator)
+            r._constraint.accept(tok)
+            return tok
+        return _sample(logits, p.temperature, p.top_p, r._generator)
+
+    def step(self) -> None:
+        tokens, keep = [], []
+        for row, r in enumerate(self.live):
+            if r.cancelled:
+                _finish(r, "cancelled")
+                continue
+            tok = self._next_token(r, self.logits[row])
             if r.first_token_at is None:
                 r.first_token_at = time.perf_counter()
-            if tok in stop_ids and not p.ignore_eos:
+            if tok in self.stop_ids and not r.params.ignore_eos:
                 r.stop_token = tok
                 _finish(r, "stop")
                 continue
             r.output_ids.append(tok)
-            r.text = chat_model.decode(r.output_ids)
+            r.text = self.chat_model.decode(r.output_ids)
             hit_stop = _hit_stop_string(r)  # before on_token, so a stream never shows the stop string
             if r.on_token is not None:
                 r.on_token(r, tok)
             if hit_stop or (r._constraint is not None and r._constraint.complete):
                 _finish(r, "stop")
-            elif len(r.output_ids) >= p.max_tokens:
+            elif len(r.output_ids) >= r.params.max_tokens:
                 _finish(r, "length")
             else:
                 tokens.append(tok)
                 keep.append(row)
         if not keep:
-            break
-        if len(keep) < len(live):
-            rows = torch.tensor(keep, dtype=torch.long)
-            state = backend.select(state, rows)
-        live = [live[i] for i in keep]
+            self.live, self.state, self.logits = [], None, None
+            return
+        if len(keep) < len(self.live):
+            self.state = self.backend.select(self.state, torch.tensor(keep, dtype=torch.long))
+        self.live = [self.live[i] for i in keep]
         try:
-            logits = backend.decode(state, torch.tensor(tokens, dtype=torch.long))
+            self.logits = self.backend.decode(self.state, torch.tensor(tokens, dtype=torch.long))
         except Exception as e:
-            for r in live:
+            self.fail(e)
+
+    def fail(self, e: Exception) -> None:
+        for r in self.live:
+            if not r.done.is_set():
                 r.error = f"{type(e).__name__}: {e}"
                 _finish(r, "error")
-            return
+        self.live, self.state, self.logits = [], None, None
+
+
+def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
+    """Decode every request to its end (fills output_ids, text, finish_reason)."""
+    batch = DecodeBatch(chat_model)
+    batch.add(requests)
+    while batch.live:
+        batch.step()
 
 
 class Engine:
-    """A background thread that batches queued requests through :func:`generate_batch`."""
+    """A background thread that decodes queued requests in one :class:`DecodeBatch`.
+
+    Requests join the running batch between decode steps (continuous batching)
+    when the backend can merge KV caches; otherwise they wait until it drains.
+    After a cold start the engine waits ``batch_window_s`` for company.
+    """
 
     def __init__(self, chat_model: Any, max_batch_size: int = 16, batch_window_s: float = 0.005) -> None:
         self.chat_model = chat_model
@@ -194,37 +242,52 @@ class Engine:
         """Requests waiting for a batch (not counting the running one)."""
         return self._queue.qsize()
 
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            deadline = time.perf_counter() + self.batch_window_s
-            stop_after = False
-            while len(batch) < self.max_batch_size:
-                timeout = deadline - time.perf_counter()
-                try:
-                    nxt = self._queue.get(timeout=max(timeout, 0)) if timeout > 0 else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    stop_after = True
-                    break
-                batch.append(nxt)
+    def _take(self, block: bool, room: int) -> tuple[list[GenRequest], bool]:
+        """Up to ``room`` queued requests (waiting for the first one if ``block``); True if told to stop."""
+        got: list[GenRequest] = []
+        deadline = None
+        while len(got) < room:
             try:
-                generate_batch(self.chat_model, batch)
+                if block and not got:
+                    item = self._queue.get()
+                    deadline = time.perf_counter() + self.batch_window_s
+                elif deadline is not None and (left := deadline - time.perf_counter()) > 0:
+                    item = self._queue.get(timeout=left)  # the collection window after a cold start
+                else:
+                    item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return got, True
+            got.append(item)
+        return got, False
+
+    def _run(self) -> None:
+        batch = DecodeBatch(self.chat_model)
+        stopping = False
+        while True:
+            if not batch.live and stopping:
+                return
+            new: list[GenRequest] = []
+            if not stopping and batch.can_join:
+                new, stopping = self._take(block=not batch.live, room=self.max_batch_size - len(batch.live))
+            try:
+                if new:
+                    batch.add(new)
+                    self.stats["requests"] += len(new)
+                    self.stats["batches"] += 0 if len(batch.live) > len(new) else 1
+                    self.stats["max_batch"] = max(self.stats["max_batch"], len(batch.live))
+                if batch.live:
+                    before = sum(len(r.output_ids) for r in batch.live)
+                    rows = list(batch.live)
+                    batch.step()
+                    self.stats["generated_tokens"] += sum(len(r.output_ids) for r in rows) - before
             except Exception as e:  # never leave a waiting client hanging
-                for r in batch:
+                batch.fail(e)
+                for r in new:
                     if not r.done.is_set():
                         r.error = f"{type(e).__name__}: {e}"
                         _finish(r, "error")
-            self.stats["batches"] += 1
-            self.stats["requests"] += len(batch)
-            self.stats["generated_tokens"] += sum(len(r.output_ids) for r in batch)
-            self.stats["max_batch"] = max(self.stats["max_batch"], len(batch))
-            if stop_after:
-                return
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Take no new requests, finish the queued and running ones, stop the thread."""
