@@ -1,0 +1,435 @@
+"""MuonClip (K2 report, Algorithm 1): Muon for matrices, AdamW for the rest, then QK-Clip.
+
+For every matrix weight W (n x m), and per expert for stacked [E, n, m] experts:
+
+    M_t = mu * M_{t-1} + G_t
+    O_t = NewtonSchulz(G_t + mu * M_t  (Nesterov)  or  M_t) * sqrt(max(n, m)) * update_rms
+    W_t = W_{t-1} - lr * (O_t + weight_decay * W_{t-1})
+
+update_rms = 0.2 matches the update RMS of AdamW, so AdamW's lr and weight
+decay carry over (Moonlight). Embeddings, the output head, norms, biases and
+router weights take AdamW. After the update, QK-Clip rescales the query/key
+weights of attention heads whose max logit exceeded tau (see qk_clip.py).
+
+Speed: matrices of one shape are stacked and orthogonalised together (one
+batched matmul per Newton-Schulz product); the moment and weight updates are
+per parameter, so a stacked [E, n, m] expert tensor costs a handful of ops,
+not E of them. Under FSDP2 (DTensor parameters) a matrix split across ranks
+is all-gathered, orthogonalised whole and each rank keeps its rows (as in
+Moonlight's distributed Muon); experts sharded along E are already whole.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from openk2.optim.newton_schulz import _newton_schulz, ns_schedule
+from openk2.optim.qk_clip import QKClip
+
+# Module names whose weights are not hidden-layer matrices (embeddings, heads, routers).
+_ADAMW_MODULES = re.compile(
+    r"(^|\.)(embed_tokens|embed|embeddings|word_embeddings|position_embeddings|wte|wpe|tok_embeddings|"
+    r"lm_head|output|head|classifier|score|router|gate)(\.(weight|bias))?$"
+)
+
+
+def is_muon_param(name: str, p: torch.Tensor) -> bool:
+    """The default rule: 2-D matrices and 3-D [E, n, m] expert stacks, except embeddings, heads and routers."""
+    if p.ndim not in (2, 3) or min(p.shape[-2:]) < 2:
+        return False
+    return _ADAMW_MODULES.search(name) is None
+
+
+def param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]:
+    """The default partition of `model`: [{"use_muon": True, ...}, {"use_muon": False, ...}] with names.
+
+    AdamW: nn.Embedding weights, the output head (get_output_embeddings() or
+    a module named lm_head/output/head) and anything tied to them, router
+    weights (openk2 MoE `gate`, HF `...mlp.gate`), norms, biases, [1, n]
+    vectors. Muon: every other 2-D or 3-D parameter.
+    """
+    adamw_ids: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            adamw_ids.update(id(p) for p in m.parameters(recurse=False))
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Module):
+        adamw_ids.update(id(p) for p in head.parameters(recurse=False))
+    muon, adamw = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (adamw if id(p) in adamw_ids or not is_muon_param(name, p) else muon).append((name, p))
+    groups = []
+    if muon:
+        groups.append({"params": muon, "use_muon": True, **group_options})
+    if adamw:
+        groups.append({"params": adamw, "use_muon": False, **group_options})
+    return groups
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _splits_matrices(p: torch.Tensor) -> bool:
+    """True for a DTensor whose sharding cuts its matrices (the last two dims): it must be gathered first."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    if not isinstance(p, DTensor):
+        return False
+    for pl in p.placements:
+        if isinstance(pl, Replicate):
+            continue
+        if isinstance(pl, Shard) and pl.dim % p.ndim < p.ndim - 2:
+            continue  # sharded along the expert dim: each rank holds whole matrices
+        return True
+    return False
+
+
+def _check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None,
+                  lo_open: bool = False, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if not ok:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
+        hi_s = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
+        rng = f"in {lo_s}, {hi_s}" if lo is not None and hi is not None else (f">= {lo:g}" if not lo_open else f"> {lo:g}")
+        raise ValueError(f"MuonClip: {name} must be a finite number {rng}, got {value!r}")
+
+
+class MuonClip(Optimizer):
+    """One optimizer for a whole model: Muon (matrices), AdamW (the rest), QK-Clip (attention heads).
+
+    `params`: `model.named_parameters()` (the default partition by name),
+    `param_groups(model)`, or groups with an explicit `"use_muon"`; any
+    hyper-parameter below can be overridden per group. A plain tensor list is
+    refused: without names an embedding looks like any other matrix.
+
+    `qk_clip`: a `QKClip` (e.g. `QKClip.from_model(model, tau=100)`) run
+    after every step; `clip_stats` then holds its logging stats.
+    `master_weights=True` keeps fp32 copies of low-precision parameters in the
+    optimizer state (updated, then copied back; QK-Clip scales both).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2e-4,
+        *,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        ns_coefficients: Any = "muon",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_eps: float = 1e-7,
+        update_rms: float = 0.2,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        qk_clip: QKClip | None = None,
+        master_weights: bool = False,
+        compile_ns: bool = False,
+    ):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, update_rms=update_rms,
+                        betas=tuple(betas), eps=eps)
+        self._validate(defaults, "")
+        if qk_clip is not None and not isinstance(qk_clip, QKClip):
+            raise TypeError(f"MuonClip: qk_clip must be a QKClip or None, got {type(qk_clip).__name__}")
+        super().__init__(self._partition(params), defaults)
+        for i, group in enumerate(self.param_groups):
+            self._validate(group, f"param group {i}: ")
+            if group["use_muon"]:
+                names = group.get("param_names") or [None] * len(group["params"])
+                for name, p in zip(names, group["params"]):
+                    if p.ndim not in (2, 3):
+                        what = f"'{name}'" if name else "a parameter"
+                        raise ValueError(
+                            f"MuonClip: {what} of shape {tuple(p.shape)} is in a Muon group (use_muon=True), but Muon "
+                            "takes 2-D matrices [n, m] or 3-D expert stacks [E, n, m]; put it in a group with "
+                            "use_muon=False (AdamW)")
+        self.qk_clip = qk_clip
+        self.master_weights = master_weights
+        self.clip_stats: dict[str, Any] = {}
+        self._ns = torch.compile(_newton_schulz, dynamic=False) if compile_ns else _newton_schulz
+        self._workspace: dict[Any, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ construction
+    @classmethod
+    def for_model(cls, model: nn.Module, lr: float = 2e-4, *, qk_clip_tau: float | None = 100.0,
+                  qk_clip_alpha: float = 0.5, **kwargs: Any) -> "MuonClip":
+        """The default partition of `model` plus QK-Clip on its attention layers (qk_clip_tau=None: plain Muon)."""
+        qk = None if qk_clip_tau is None else QKClip.from_model(model, tau=qk_clip_tau, alpha=qk_clip_alpha)
+        return cls(param_groups(model), lr=lr, qk_clip=qk, **kwargs)
+
+    @staticmethod
+    def _validate(g: Mapping[str, Any], where: str) -> None:
+        def num(key, *a, **k):
+            try:
+                _check_number(key, g[key], *a, **k)
+            except ValueError as e:
+                raise ValueError(str(e).replace("MuonClip: ", f"MuonClip: {where}")) from None
+
+        num("lr", 0.0)
+        num("weight_decay", 0.0)
+        num("momentum", 0.0, 1.0, hi_open=True)
+        num("update_rms", 0.0, lo_open=True)
+        num("eps", 0.0)
+        num("ns_eps", 0.0, lo_open=True)
+        betas = g["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"MuonClip: {where}betas must be a pair (beta1, beta2), got {betas!r}")
+        for i, b in enumerate(betas):
+            try:
+                _check_number(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+            except ValueError as e:
+                raise ValueError(str(e).replace("MuonClip: ", f"MuonClip: {where}")) from None
+        try:
+            ns_schedule(g["ns_coefficients"], g["ns_steps"])
+        except ValueError as e:
+            raise ValueError(f"MuonClip: {where}{e}") from None
+        if g["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+            raise ValueError(f"MuonClip: {where}ns_dtype must be a floating dtype, got {g['ns_dtype']!r}")
+
+    @staticmethod
+    def _partition(params: Iterable[Any]) -> list[dict[str, Any]]:
+        items = list(params)
+        if not items:
+            raise ValueError("MuonClip: got an empty parameter list")
+        groups = [dict(g) for g in items] if all(isinstance(x, dict) for x in items) else [{"params": items}]
+        out = []
+        for g in groups:
+            ps = g["params"]
+            ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+            if "use_muon" in g:
+                out.append({**g, "params": ps})
+                continue
+            if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in ps):
+                raise ValueError(
+                    "MuonClip cannot tell hidden matrices from embeddings and output heads in an unnamed parameter "
+                    "list: pass model.named_parameters(), openk2.optim.param_groups(model), or groups with "
+                    "'use_muon': True/False")
+            muon = [(n, p) for n, p in ps if is_muon_param(n, p)]
+            adamw = [(n, p) for n, p in ps if not is_muon_param(n, p)]
+            rest = {k: v for k, v in g.items() if k != "params"}
+            if muon:
+                out.append({**rest, "params": muon, "use_muon": True})
+            if adamw:
+                out.append({**rest, "params": adamw, "use_muon": False})
+        return out
+
+    # -------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Muon / AdamW update of every parameter with a gradient, then QK-Clip."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._muon_step()
+        self._adamw_step()
+        if self.qk_clip is not None:
+            self.clip_stats = self.qk_clip.step(self._masters() if self.master_weights else None)
+        return loss
+
+    def _target(self, p: torch.Tensor, state: dict) -> torch.Tensor:
+        """The tensor the update applies to: the fp32 master copy if kept, else the parameter."""
+        if self.master_weights and p.dtype != torch.float32:
+            if "master_weight" not in state:
+                state["master_weight"] = p.detach().float().clone()
+            return state["master_weight"]
+        return p
+
+    def _masters(self) -> dict[torch.Tensor, torch.Tensor]:
+        return {p: s["master_weight"] for p, s in self.state.items() if "master_weight" in s}
+
+    @staticmethod
+    def _grad(p: torch.Tensor) -> torch.Tensor:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError("MuonClip does not support sparse gradients")
+        if torch.is_complex(g):
+            raise RuntimeError("MuonClip does not support complex parameters")
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(p, DTensor) and isinstance(g, DTensor) and g.placements != p.placements:
+            g = g.redistribute(p.device_mesh, p.placements)
+        return g
+
+    def _muon_step(self) -> None:
+        buckets: dict[Any, list] = defaultdict(list)
+        for group in self.param_groups:
+            if not group["use_muon"]:
+                continue
+            schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
+            ns_key = (schedule, group["ns_dtype"], group["ns_eps"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = self._grad(p)
+                state = self.state[p]
+                target = self._target(p, state)
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+                m, gl = _local(state["momentum_buffer"]), _local(g)
+                torch.add(gl, m, alpha=group["momentum"], out=m)  # M = mu M + G
+                n, k = p.shape[-2:]
+                if _splits_matrices(p):
+                    key = ("gather", tuple(p.shape), tuple(p.placements), p.device_mesh, ns_key)
+                else:
+                    key = ("local", n, k, gl.device, ns_key)
+                buckets[key].append((p, group, target, gl, m))
+        for key, items in buckets.items():
+            self._muon_bucket(key, items)
+
+    def _muon_bucket(self, key, items) -> None:
+        kind, *_, (schedule, ns_dtype, ns_eps) = key
+        n, m = items[0][0].shape[-2:]
+        shapes = [_local(it[2]).shape for it in items]
+        counts = [math.prod(s[:-2]) for s in shapes]
+        rows, cols = shapes[0][-2:]
+        total = sum(counts)
+        ws_key = (key, total)
+        U = self._workspace.get(ws_key)
+        if U is None:
+            dtype = torch.promote_types(items[0][4].dtype, torch.float32)  # the momentum's dtype, at least fp32
+            U = torch.empty(total, rows, cols, dtype=dtype, device=items[0][3].device)
+            self._workspace[ws_key] = U
+        off = 0
+        views = []
+        for (p, group, target, gl, mbuf), c, s in zip(items, counts, shapes):
+            u = U[off:off + c].view(s)
+            if group["nesterov"]:
+                torch.add(gl, mbuf, alpha=group["momentum"], out=u)  # G + mu M
+            else:
+                u.copy_(mbuf)
+            views.append((off, c, s))
+            off += c
+        if kind == "gather":
+            O_local = self._orthogonalise_sharded(U, items[0][0], schedule, ns_dtype, ns_eps)
+        else:
+            O_local = self._ns(U, schedule, ns_eps, ns_dtype)
+        scale = math.sqrt(max(n, m))
+        # one foreach call per (lr, weight_decay, update_rms) in the bucket
+        by_hp: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
+        for (p, group, target, gl, mbuf), (o, c, s) in zip(items, views):
+            hp = (group["lr"], group["weight_decay"], group["update_rms"])
+            ts, os_, ps = by_hp[hp]
+            ts.append(_local(target))
+            os_.append(O_local[o:o + c].view(s))
+            ps.append((p, target))
+        for (lr, wd, rms), (ts, os_, ps) in by_hp.items():
+            if wd:
+                torch._foreach_mul_(ts, 1.0 - lr * wd)
+            torch._foreach_add_(ts, os_, alpha=-lr * rms * scale)
+            for p, target in ps:
+                if target is not p:
+                    _local(p).copy_(_local(target))
+
+    def _orthogonalise_sharded(self, U_local, p, schedule, ns_dtype, ns_eps) -> torch.Tensor:
+        """All-gather the stacked shards [k, ...local] of same-shaped DTensor matrices, orthogonalise, keep ours."""
+        from torch.distributed.tensor import DTensor, Replicate, Shard
+
+        k = U_local.shape[0] // math.prod(_local(p).shape[:-2])
+        local = U_local.view(k, *_local(p).shape)
+        placements = tuple(Shard(pl.dim % p.ndim + 1) if isinstance(pl, Shard) else pl for pl in p.placements)
+        gshape = (k, *p.shape)
+        gstride = torch.empty(gshape, device="meta").stride()
+        full = DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(gshape),
+                                  stride=gstride).full_tensor()
+        O = self._ns(full, schedule, ns_eps, ns_dtype)
+        O = DTensor.from_local(O, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+        return O.redistribute(p.device_mesh, placements).to_local().reshape(U_local.shape)
+
+    def _adamw_step(self) -> None:
+        for group in self.param_groups:
+            if group["use_muon"]:
+                continue
+            targets, grads, exp_avgs, exp_avg_sqs, steps, synced = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = self._grad(p)
+                state = self.state[p]
+                target = self._target(p, state)
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
+                t = _local(target)
+                gl = _local(g)
+                targets.append(t)
+                grads.append(gl if gl.dtype == t.dtype else gl.to(t.dtype))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                steps.append(state["step"])
+                if target is not p:
+                    synced.append((p, target))
+            if not targets:
+                continue
+            _adamw(targets, grads, exp_avgs, exp_avg_sqs, steps, lr=group["lr"], betas=group["betas"],
+                   eps=group["eps"], weight_decay=group["weight_decay"])
+            for p, target in synced:
+                _local(p).copy_(_local(target))
+
+    # -------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        if self.qk_clip is not None:
+            sd["qk_clip"] = self.qk_clip.state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        sd = dict(state_dict)
+        qk = sd.pop("qk_clip", None)
+        super().load_state_dict(sd)
+        # Optimizer.load_state_dict casts every state tensor to its parameter's dtype; fp32 masters and
+        # their moments must stay fp32.
+        order = [p for g in self.param_groups for p in g["params"]]
+        for i, p in enumerate(order):
+            src = sd["state"].get(i)
+            if not src or p.dtype == torch.float32:
+                continue
+            for k, v in src.items():
+                if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and k != "step":
+                    self.state[p][k] = v.to(device=p.device, copy=True)
+        if qk is not None and self.qk_clip is not None:
+            self.qk_clip.load_state_dict(qk)
+        self._workspace.clear()
+
+
+def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weight_decay) -> None:
+    """AdamW (Loshchilov & Hutter) as torch.optim.AdamW computes it; one fused kernel where torch has one."""
+    beta1, beta2 = betas
+    torch._foreach_add_(steps, 1.0)
+    fused = getattr(torch, "_fused_adamw_", None)
+    if fused is not None and params[0].device.type in ("cpu", "cuda") and len({(t.dtype, t.device) for t in params}) == 1:
+        fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        return
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m = beta1 m + (1 - beta1) g
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)  # v = beta2 v + (1 - beta2) g^2
+    bc1 = [1.0 - beta1 ** float(s) for s in steps]
+    bc2 = [math.sqrt(1.0 - beta2 ** float(s)) for s in steps]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bc2)
+    torch._foreach_add_(denom, eps)  # sqrt(v / bc2) + eps
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / b for b in bc1])
