@@ -11,7 +11,6 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "serve"))
 from serve_helpers import (  # noqa: E402
     HELLO_A,
     HELLO_Q,
-    WEATHER_CALL,
     WEATHER_Q,
     WEATHER_RESULT,
     WEATHER_TOOL,

@@ -42,8 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        import uvicorn  # noqa: F401
         import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
     except ImportError as e:
         raise OpenK2Error(f"serving needs the serve extra: pip install 'openk2[serve]' ({e.name} is missing)") from None
     from openk2.serve.backends import load_chat_model

@@ -20,7 +20,15 @@ from typing import Any, Sequence
 import torch
 
 from openk2.serve.backends import ChatModel, load_chat_model
-from openk2.serve.client import ChatRequest, ChatResponse, DiskCache, LLMClient, Usage, cache_key, check_json
+from openk2.serve.client import (
+    ChatRequest,
+    ChatResponse,
+    DiskCache,
+    LLMClient,
+    Usage,
+    cache_key,
+    check_json,
+)
 from openk2.serve.engine import GenRequest, SamplingParams, generate_batch
 
 
