@@ -135,3 +135,7 @@ def test_smollm2_offline_with_a_schema():
     j = c.chat([{"role": "user", "content": "Give the capital of France as JSON with keys city and country."}],
                json_schema=schema, max_tokens=40)
     assert j.parsed["city"] == "Paris"
+    # HF backend batching: left padding + position ids + cache compaction match one-by-one decoding
+    reqs = [{"messages": [{"role": "user", "content": q}], "max_tokens": 12}
+            for q in ("Name a colour.", "What is 2 + 2? Reply with the number only.", "Say hi.")]
+    assert [r.content for r in c.chat_many(reqs)] == [c.chat(**r).content for r in reqs]

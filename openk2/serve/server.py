@@ -331,7 +331,7 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
             ids, params, plan = chat_model.prepare_chat(messages, tools, body.get("tool_choice"), params)
-        except (ValueError, KeyError, TypeError) as e:
+        except Exception as e:  # ValueError from our renderer, jinja errors from an HF chat template
             raise APIError(400, f"cannot render the conversation: {e}", "messages") from None
         check_prompt(ids, params)
         loop = asyncio.get_running_loop()
