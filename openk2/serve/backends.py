@@ -57,17 +57,18 @@ class K2Backend:
         B, T = ids.shape
         param = self.model.lm_head.weight
         cache = MLACache(self.model.config, B, T + max_new, param.dtype, param.device)
-        cache.valid[:, :T] = mask
+        cache.valid[:, :T] = mask.to(cache.valid.device)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(ids.to(param.device), position_ids=positions.to(param.device), cache=cache, logits_to_keep=1)
-        return out.logits[:, -1].float(), {"cache": cache, "pos": positions[:, -1:] + 1}
+        # sampling runs on the CPU (per-request generators, constraints); B x V floats per step is cheap to move
+        return out.logits[:, -1].float().cpu(), {"cache": cache, "pos": positions[:, -1:] + 1}
 
     @torch.inference_mode()
     def decode(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
         dev = self.model.lm_head.weight.device
         out = self.model(tokens[:, None].to(dev), position_ids=state["pos"].to(dev), cache=state["cache"])
         state["pos"] = state["pos"] + 1
-        return out.logits[:, -1].float()
+        return out.logits[:, -1].float().cpu()
 
     def merge(self, a: Any, b: Any) -> Any:
         """One cache for the rows of two: both right-aligned at the longer length.
@@ -93,7 +94,9 @@ class K2Backend:
 
     def select(self, state: Any, rows: torch.Tensor) -> Any:
         c = state["cache"]
+        rows = rows.to(c.latent.device)
         c.latent, c.k_rope, c.valid = c.latent[:, rows], c.k_rope[:, rows], c.valid[rows]
+        rows = rows.cpu()
         state["pos"] = state["pos"][rows]
         return state
 
@@ -214,7 +217,8 @@ class ChatModel:
 # --------------------------------------------------------------------------- loading
 
 
-def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None = None) -> ChatModel:
+def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None = None,
+            device: str = "cpu") -> ChatModel:
     """An openk2 checkpoint directory (config.json + safetensors + tokenizer.json)."""
     import openk2
     from openk2.data.tokenizer import load_tokenizer
@@ -223,7 +227,7 @@ def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None
     if not p.is_dir():
         raise CheckpointError(f"{p}: not a checkpoint directory")
     t0 = time.perf_counter()
-    model = openk2.from_pretrained(p, dtype=dtype)
+    model = openk2.from_pretrained(p, dtype=dtype, device=device)
     tok = load_tokenizer(p)
     return k2_chat_model(model, tok, name or p.name, time.perf_counter() - t0)
 
@@ -269,7 +273,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> ChatModel:
     return load_hf(smollm2_path(), SMOLLM2_FILE, dtype, name="SmolLM2-135M-Instruct")
 
 
-def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None) -> ChatModel:
+def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ChatModel:
     """``smollm2``, an openk2 checkpoint directory, or an HF model directory / .gguf file."""
     s = str(spec)
     if s.lower() in ("smollm2", "smollm2-135m-instruct"):
@@ -284,6 +288,6 @@ def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None) -> ChatM
         from openk2.model.config import SUPPORTED_MODEL_TYPES
 
         if model_type in SUPPORTED_MODEL_TYPES:
-            return load_k2(p, dtype)
+            return load_k2(p, dtype, device=device)
         return load_hf(p, None, dtype or torch.float32)
     raise CheckpointError(f"{s}: not a checkpoint directory, a .gguf file, or 'smollm2'")

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the directory name)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    p.add_argument("--device", default="cpu", help="torch device for openk2 checkpoints (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="wait this long to gather a batch")
@@ -54,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue"):
         if getattr(args, name) < 1:
             raise OpenK2Error(f"--{name.replace('_', '-')} must be at least 1")
-    chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype))
+    chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype), device=args.device)
     if args.model_name:
         chat_model.name = args.model_name
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
