@@ -292,3 +292,12 @@ def test_graceful_shutdown_finishes_in_flight_requests(chat_model):
     assert app.state.openk2["closing"] and not app.state.openk2["engine"]._thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(srv.url + "/health")
+
+
+def test_truncated_tool_call_comes_back_as_raw_content_with_parse_errors(oai):
+    r = oai.chat.completions.create(model=NAME, messages=WEATHER_Q, tools=[WEATHER_TOOL], temperature=0, max_tokens=5)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.tool_calls
+    assert choice.message.content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>function")
+    errors = choice.message.model_dump()["openk2_parse_errors"]
+    assert errors[0].startswith("truncated_section") and errors[1].startswith("truncated_call")
