@@ -301,3 +301,13 @@ def test_truncated_tool_call_comes_back_as_raw_content_with_parse_errors(oai):
     assert choice.message.content.startswith("<|tool_calls_section_begin|><|tool_call_begin|>function")
     errors = choice.message.model_dump()["openk2_parse_errors"]
     assert errors[0].startswith("truncated_section") and errors[1].startswith("truncated_call")
+
+
+def test_make_client_picks_the_backend(server, chat_model):
+    from openk2.serve import LocalClient, OpenAICompatClient, make_client
+
+    http = make_client(server.url)
+    assert isinstance(http, OpenAICompatClient) and http.model == NAME
+    assert http.chat(HELLO_Q, temperature=0).content == HELLO_A
+    local = make_client(str(tiny_tool_model()))
+    assert isinstance(local, LocalClient) and local.chat(HELLO_Q).content == HELLO_A

@@ -594,3 +594,24 @@ class OpenAICompatClient(LLMClient):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def make_client(spec: str = "smollm2", *, model: str | None = None, api_key: str | None = None,
+                cache_dir: str | os.PathLike | None = None, **kwargs: Any) -> LLMClient:
+    """The client a pipeline's ``--llm`` flag names.
+
+    ``http://host:port`` (or ``https://...``) -> :class:`OpenAICompatClient` (``model``
+    defaults to the endpoint's first model); anything else (``smollm2``, an
+    openk2 checkpoint directory, a .gguf file) -> an in-process ``LocalClient``.
+    """
+    if spec.startswith(("http://", "https://")):
+        client = OpenAICompatClient(spec, api_key=api_key, model=model or "", cache_dir=cache_dir, **kwargs)
+        if not client.model:
+            models = client.models()
+            if not models:
+                raise LLMError(f"{spec} serves no models")
+            client.model = models[0]
+        return client
+    from openk2.serve.local import LocalClient
+
+    return LocalClient(spec, cache_dir=cache_dir, **kwargs)
