@@ -103,7 +103,7 @@ def test_server_errors_back_off_exponentially_then_give_up():
     assert len(app.state.requests) == 4
     # jittered delays in [0.5, 1] * 0.05 * 2^k
     for k, g in enumerate(gaps):
-        assert 0.5 * 0.05 * 2**k - 0.01 <= g <= 0.05 * 2**k + 0.25
+        assert 0.5 * 0.05 * 2**k - 0.01 <= g <= 0.05 * 2**k + 1.0  # generous upper bound: a busy machine
     assert c.totals.failures == 1 and c.totals.retries == 3 and c.totals.requests == 0
 
 
@@ -116,11 +116,11 @@ def test_client_errors_are_not_retried():
 
 
 def test_timeout_is_retried():
-    app, srv = serve([ok(delay=1.5), ok()])
+    app, srv = serve([ok(delay=2.0), ok()])
     with srv, client(srv.url, timeout=0.3) as c:
         t0 = time.monotonic()
         r = c.chat(HELLO)
-        assert time.monotonic() - t0 < 1.4
+        assert time.monotonic() - t0 < 1.9  # did not wait for the slow first answer
     assert r.content.startswith("Paris") and c.totals.retries == 1
 
 

@@ -88,8 +88,8 @@ def test_engine_thread_streams_and_closes(cm):
     for r in reqs:
         r.wait(30)
     assert done.is_set() and seen[-1] is None and seen[:-1] == reqs[0].output_ids
+    engine.close()  # joins the thread, so its stats are final
     assert engine.stats["requests"] == 4 and engine.stats["generated_tokens"] == 40
-    engine.close()
     with pytest.raises(EngineClosed):
         engine.submit(GenRequest(_ids(cm)[0], _params()))
 

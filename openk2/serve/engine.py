@@ -224,6 +224,7 @@ class Engine:
         self.batch_window_s = batch_window_s
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._closed = False
+        self._batch = DecodeBatch(chat_model)
         self._thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
         self.stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch": 0}
         self._thread.start()
@@ -262,8 +263,13 @@ class Engine:
             got.append(item)
         return got, False
 
+    @property
+    def running(self) -> int:
+        """Requests being decoded right now."""
+        return len(self._batch.live)
+
     def _run(self) -> None:
-        batch = DecodeBatch(self.chat_model)
+        batch = self._batch
         stopping = False
         while True:
             if not batch.live and stopping:

@@ -312,7 +312,8 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
     async def health() -> dict[str, Any]:
         engine = state["engine"]
         return {"status": "closing" if state["closing"] else "ok", "model": chat_model.name,
-                "pending": engine.pending if engine else 0, **(engine.stats if engine else {})}
+                "pending": engine.pending if engine else 0, "running": engine.running if engine else 0,
+                **(engine.stats if engine else {})}
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
