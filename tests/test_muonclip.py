@@ -52,9 +52,10 @@ def _run_pair(shapes, steps, nesterov, wd=0.1, lr=0.02, seed=0, dtype=torch.floa
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_2d_updates_match_torch_muon_bf16(nesterov):
+@pytest.mark.parametrize("ns_matmul", ["native", "fp32"])
+def test_2d_updates_match_torch_muon_bf16(nesterov, ns_matmul):
     shapes = [(64, 256), (256, 64), (96, 96), (48, 80), (64, 256)]
-    start, ours, theirs = _run_pair(shapes, 3, nesterov)
+    start, ours, theirs = _run_pair(shapes, 3, nesterov, ns_matmul=ns_matmul)
     for s, a, b in zip(start, ours, theirs):
         assert rel(a - s, b - s) < BF16_REL, a.shape
 
@@ -82,6 +83,29 @@ def test_bf16_newton_schulz_is_as_accurate_as_torchs():
         ours = newton_schulz(G).double()
         assert rel(ours, exact) < 1.25 * rel(theirs, exact) + 1e-3
         assert rel(ours, theirs) < BF16_REL
+
+
+def test_bf16_on_fp32_units_keeps_bf16_values():
+    """ns_matmul="fp32": every iterate is a bf16 value (fp32 accumulation, one rounding per product)."""
+    from openk2.optim.newton_schulz import _ns_kernel
+
+    torch.manual_seed(0)
+    G = torch.randn(8, 48, 96)
+    sched = ns_schedule("muon", 5)
+    emulated = _ns_kernel(G, sched, 1e-7, torch.bfloat16, torch.float32)
+    assert emulated.dtype == torch.float32 and torch.equal(emulated, emulated.bfloat16().float())
+    native = _ns_kernel(G, sched, 1e-7, torch.bfloat16, torch.bfloat16).float()
+    exact = newton_schulz(G.double(), dtype=torch.float64)
+    assert rel(emulated, native) < 1e-2
+    assert rel(emulated, exact) < 1.25 * rel(native, exact)
+
+
+def test_chunked_stack_equals_each_matrix_alone():
+    torch.manual_seed(0)
+    G = torch.randn(40, 128, 128, dtype=torch.float64)  # 2 MB chunks of 16 matrices on a CPU
+    stacked = newton_schulz(G, dtype=torch.float64)
+    alone = torch.stack([newton_schulz(g, dtype=torch.float64) for g in G])
+    assert torch.allclose(stacked, alone, rtol=0, atol=1e-12)
 
 
 def test_update_rms_is_0_2():

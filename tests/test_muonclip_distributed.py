@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,14 @@ def test_fsdp2_muonclip_equals_single_process():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(ROOT / "tests" / "dist_muonclip_fsdp.py")]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    log = out.stdout + out.stderr
-    assert out.returncode == 0 and "\nOK" in "\n" + out.stdout, log[-4000:]
-    assert "reference grads: max |fsdp - single| / max |update| = 0.00e+00" in out.stdout, out.stdout
+    # own process group: on a timeout the workers die with torchrun instead of lingering
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"torchrun timed out\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    assert proc.returncode == 0 and "\nOK" in "\n" + stdout, (stdout + stderr)[-4000:]
+    assert "reference grads: max |fsdp - single| / max |update| = 0.00e+00" in stdout, stdout

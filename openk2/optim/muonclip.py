@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from openk2.optim.newton_schulz import _newton_schulz, ns_schedule
+from openk2.optim.newton_schulz import _newton_schulz, _ns_kernel, matmul_dtype_for, ns_schedule
 from openk2.optim.qk_clip import QKClip
 
 # Module names whose weights are not hidden-layer matrices (embeddings, heads, routers).
@@ -138,6 +138,7 @@ class MuonClip(Optimizer):
         ns_coefficients: Any = "muon",
         ns_dtype: torch.dtype = torch.bfloat16,
         ns_eps: float = 1e-7,
+        ns_matmul: str = "auto",
         update_rms: float = 0.2,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
@@ -146,7 +147,8 @@ class MuonClip(Optimizer):
         compile_ns: bool = False,
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, update_rms=update_rms,
+                        ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, ns_matmul=ns_matmul,
+                        update_rms=update_rms,
                         betas=tuple(betas), eps=eps)
         self._validate(defaults, "")
         if qk_clip is not None and not isinstance(qk_clip, QKClip):
@@ -166,7 +168,7 @@ class MuonClip(Optimizer):
         self.qk_clip = qk_clip
         self.master_weights = master_weights
         self.clip_stats: dict[str, Any] = {}
-        self._ns = torch.compile(_newton_schulz, dynamic=False) if compile_ns else _newton_schulz
+        self._ns_kernel = torch.compile(_ns_kernel, dynamic=False) if compile_ns else _ns_kernel
         self._workspace: dict[Any, torch.Tensor] = {}
 
     # ------------------------------------------------------------ construction
@@ -205,6 +207,8 @@ class MuonClip(Optimizer):
             raise ValueError(f"MuonClip: {where}{e}") from None
         if g["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             raise ValueError(f"MuonClip: {where}ns_dtype must be a floating dtype, got {g['ns_dtype']!r}")
+        if g["ns_matmul"] not in ("auto", "native", "fp32"):
+            raise ValueError(f"MuonClip: {where}ns_matmul must be 'auto', 'native' or 'fp32', got {g['ns_matmul']!r}")
 
     @staticmethod
     def _partition(params: Iterable[Any]) -> list[dict[str, Any]]:
@@ -277,7 +281,7 @@ class MuonClip(Optimizer):
             if not group["use_muon"]:
                 continue
             schedule = ns_schedule(group["ns_coefficients"], group["ns_steps"])
-            ns_key = (schedule, group["ns_dtype"], group["ns_eps"])
+            ns_key = (schedule, group["ns_dtype"], group["ns_eps"], group["ns_matmul"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -298,7 +302,7 @@ class MuonClip(Optimizer):
             self._muon_bucket(key, items)
 
     def _muon_bucket(self, key, items) -> None:
-        kind, *_, (schedule, ns_dtype, ns_eps) = key
+        kind, *_, (schedule, ns_dtype, ns_eps, ns_matmul) = key
         n, m = items[0][0].shape[-2:]
         shapes = [_local(it[2]).shape for it in items]
         counts = [math.prod(s[:-2]) for s in shapes]
@@ -320,10 +324,11 @@ class MuonClip(Optimizer):
                 u.copy_(mbuf)
             views.append((off, c, s))
             off += c
+        mm_dtype = matmul_dtype_for(U.device, ns_dtype, ns_matmul)
         if kind == "gather":
-            O_local = self._orthogonalise_sharded(U, items[0][0], schedule, ns_dtype, ns_eps)
+            O_local = self._orthogonalise_sharded(U, items[0][0], schedule, ns_dtype, ns_eps, mm_dtype)
         else:
-            O_local = self._ns(U, schedule, ns_eps, ns_dtype)
+            O_local = _newton_schulz(U, schedule, ns_eps, ns_dtype, mm_dtype, out=U, kernel=self._ns_kernel)
         scale = math.sqrt(max(n, m))
         # one foreach call per (lr, weight_decay, update_rms) in the bucket
         by_hp: dict[tuple, tuple[list, list, list]] = defaultdict(lambda: ([], [], []))
@@ -341,7 +346,7 @@ class MuonClip(Optimizer):
                 if target is not p:
                     _local(p).copy_(_local(target))
 
-    def _orthogonalise_sharded(self, U_local, p, schedule, ns_dtype, ns_eps) -> torch.Tensor:
+    def _orthogonalise_sharded(self, U_local, p, schedule, ns_dtype, ns_eps, mm_dtype) -> torch.Tensor:
         """All-gather the stacked shards [k, ...local] of same-shaped DTensor matrices, orthogonalise, keep ours."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -352,7 +357,7 @@ class MuonClip(Optimizer):
         gstride = torch.empty(gshape, device="meta").stride()
         full = DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(gshape),
                                   stride=gstride).full_tensor()
-        O = self._ns(full, schedule, ns_eps, ns_dtype)
+        O = _newton_schulz(full, schedule, ns_eps, ns_dtype, mm_dtype, out=full, kernel=self._ns_kernel)
         O = DTensor.from_local(O, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
         return O.redistribute(p.device_mesh, placements).to_local().reshape(U_local.shape)
 

@@ -77,32 +77,98 @@ def newton_schulz(
     coefficients: str | Coefficients | Sequence[Coefficients] = "muon",
     eps: float = 1e-7,
     dtype: torch.dtype = torch.bfloat16,
+    matmul: str = "auto",
 ) -> torch.Tensor:
-    """Orthogonalise every matrix of G [..., n, m]; returns a tensor of G's shape in `dtype`."""
+    """Orthogonalise every matrix of G [..., n, m]; returns a tensor of G's shape in `dtype`.
+
+    `matmul` picks the arithmetic of a low-precision `dtype`: "native" (matmuls in `dtype`), "fp32" (the
+    same products on fp32 units, each result rounded to `dtype`: what a bf16 GEMM computes, fp32
+    accumulation and one rounding per output) or "auto" (`matmul_dtype_for`).
+    """
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs matrices [..., n, m], got shape {tuple(G.shape)}")
-    return _newton_schulz(G, ns_schedule(coefficients, steps), eps, dtype)
+    X = _newton_schulz(G, ns_schedule(coefficients, steps), eps, dtype, matmul_dtype_for(G.device, dtype, matmul))
+    return X.to(dtype)
 
 
-def _newton_schulz(G: torch.Tensor, schedule: tuple[Coefficients, ...], eps: float, dtype: torch.dtype) -> torch.Tensor:
+_CPU_AMX: bool | None = None
+
+
+def _cpu_has_amx() -> bool:
+    global _CPU_AMX
+    if _CPU_AMX is None:
+        init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
+        try:
+            _CPU_AMX = bool(init()) if init is not None else False
+        except Exception:  # noqa: BLE001 - no AMX support compiled in or permitted
+            _CPU_AMX = False
+    return _CPU_AMX
+
+
+def matmul_dtype_for(device: torch.device, dtype: torch.dtype, matmul: str = "auto") -> torch.dtype:
+    """The dtype Newton-Schulz multiplies in. "auto": fp32 units for bf16/fp16 on a CPU without AMX.
+
+    Without AMX a CPU's bf16 dot products (AVX512-BF16) have the FLOP rate of fp32 FMAs, and oneDNN's
+    bf16 kernels also repack their inputs: on the 2-core AVX512-BF16 reference machine bf16 matmuls
+    ran at ~0.6x the fp32 rate. GPUs and AMX CPUs multiply bf16 natively.
+    """
+    if matmul not in ("auto", "native", "fp32"):
+        raise ValueError(f"ns matmul must be 'auto', 'native' or 'fp32', got {matmul!r}")
+    if dtype not in (torch.bfloat16, torch.float16) or matmul == "native":
+        return dtype
+    if matmul == "fp32":
+        return torch.float32
+    return torch.float32 if torch.device(device).type == "cpu" and not _cpu_has_amx() else dtype
+
+
+def _round_(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if dtype is not None:
+        t.copy_(t.to(dtype))  # round to the nearest `dtype` value, keep the wider storage
+    return t
+
+
+def _newton_schulz(G: torch.Tensor, schedule: tuple[Coefficients, ...], eps: float, dtype: torch.dtype,
+                   matmul_dtype: torch.dtype | None = None, out: torch.Tensor | None = None,
+                   kernel=None) -> torch.Tensor:
+    """The batched iteration. The result (in `out`, which may be G itself, else in `matmul_dtype`) has
+    values representable in `dtype`. On a CPU the stack goes through in chunks of ~2 MB so that the
+    iterates and their roundings stay in L2 (measured 10-15% faster than the whole stack at once)."""
+    matmul_dtype = matmul_dtype or dtype
+    kernel = kernel or _ns_kernel
     shape = G.shape
-    X = G.reshape(-1, shape[-2], shape[-1])
+    n, m = shape[-2], shape[-1]
+    G3 = G.reshape(-1, n, m)
+    if out is None:
+        out = torch.empty(G3.shape, dtype=matmul_dtype, device=G.device)
+    out3 = out.view(-1, n, m)
+    total = G3.shape[0]
+    per = total if G.device.type != "cpu" else max(1, (2 << 20) // (n * m * max(G.element_size(), 4)))
+    for i in range(0, total, per):
+        X = kernel(G3[i:i + per], schedule, eps, dtype, matmul_dtype)
+        if X is not out3[i:i + per]:
+            out3[i:i + per].copy_(X)
+    return out3.view(shape)
+
+
+def _ns_kernel(G: torch.Tensor, schedule: tuple[Coefficients, ...], eps: float, dtype: torch.dtype,
+               matmul_dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz on a stack [B, n, m]: matmuls in `matmul_dtype`, every product rounded to `dtype`."""
+    rnd = dtype if matmul_dtype != dtype else None
+    X = G
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
     # ||X||_F >= ||X||_2: dividing by the Frobenius norm puts every singular value in [0, 1].
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.promote_types(X.dtype, torch.float32))
     norm = norm.clamp_(min=eps)
-    Y = torch.empty(X.shape, dtype=dtype, device=X.device)  # contiguous in the wide orientation
+    Y = torch.empty(X.shape, dtype=matmul_dtype, device=X.device)  # contiguous in the wide orientation
     torch.div(X, norm, out=Y)
-    X = Y
+    X = _round_(Y, rnd)
     for a, b, c in schedule:
-        A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X
-    if tall:
-        X = X.mT
-    return X.reshape(shape)
+        A = _round_(torch.bmm(X, X.mT), rnd)
+        B = _round_(torch.baddbmm(A, A, A, beta=b, alpha=c), rnd)  # b A + c A^2
+        X = _round_(torch.baddbmm(X, B, X, beta=a), rnd)  # a X + B X
+    return X.mT if tall else X
 
 
 def newton_schulz_flops(shape: Sequence[int], steps: int = 5) -> int:
