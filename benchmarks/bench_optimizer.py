@@ -26,7 +26,7 @@ from torch import nn
 
 from openk2.model.config import get_preset
 from openk2.model.transformer import build_model
-from openk2.optim import MuonClip, newton_schulz_flops
+from openk2.optim import MuonClip, max_logit, newton_schulz_flops
 
 SECTION = "## Optimizer step (MuonClip vs torch.optim.Muon)"
 
@@ -78,16 +78,18 @@ def bench_step(cfg, rounds: int, lr: float = 1e-3, wd: float = 0.1) -> dict:
     torch.manual_seed(0)
     model = build_model(cfg)
     opt = MuonClip.for_model(model, lr=lr, weight_decay=wd, qk_clip_tau=None)
+    native = MuonClip.for_model(model, lr=lr, weight_decay=wd, qk_clip_tau=None, ns_matmul="native")
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     base_muon, base_adamw, copy_grads = baseline_for(opt, lr, wd)
     copy_grads()
-    t = {k: [] for k in ("ours_muon", "ours_adamw", "torch_muon", "torch_adamw")}
+    t = {k: [] for k in ("ours_muon", "ours_adamw", "torch_muon", "torch_adamw", "native_muon")}
 
     def ours():
         with torch.no_grad():
             t["ours_muon"].append(timed(opt._muon_step))
             t["ours_adamw"].append(timed(opt._adamw_step))
+            t["native_muon"].append(timed(native._muon_step))
 
     def theirs():
         t["torch_muon"].append(timed(base_muon.step))
@@ -112,30 +114,51 @@ def bench_step(cfg, rounds: int, lr: float = 1e-3, wd: float = 0.1) -> dict:
             "params": n_params}
 
 
+def _sdpa_and_max_logit(attn_cls):
+    """MLAttention with the statistic as `openk2.optim.max_logit` beside fused SDPA (the proposed model change)."""
+    eager = attn_cls._eager
+
+    def patched(self, q, k, v, key_padding_mask):
+        if key_padding_mask is not None or not self.track_max_logit:
+            return eager(self, q, k, v, key_padding_mask)
+        torch.maximum(self.max_logit, max_logit(q, k, self.softmax_scale), out=self.max_logit)
+        return self._sdpa(q, k, v)
+
+    return patched
+
+
 def bench_clip(cfg, rounds: int, batch: int, seq: int) -> dict:
-    """A bf16-autocast training step of `cfg` with and without QK-Clip (statistic + rescale), alternating."""
+    """A bf16-autocast training step of `cfg` without QK-Clip, with it (the model's statistic), and with
+    the statistic computed beside SDPA; alternating."""
+    from openk2.model.attention import MLAttention
+
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = MuonClip.for_model(model, lr=1e-3, qk_clip_tau=100.0)
     clip = opt.qk_clip
     ids = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
+    model_eager, proposed = MLAttention._eager, _sdpa_and_max_logit(MLAttention)
 
-    def step(with_clip: bool):
-        model.set_track_max_logit(with_clip)
-        opt.qk_clip = clip if with_clip else None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(ids[:, :-1]).logits
-        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def step(variant: str):
+        model.set_track_max_logit(variant != "off")
+        opt.qk_clip = None if variant == "off" else clip
+        MLAttention._eager = proposed if variant == "sdpa" else model_eager
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(ids[:, :-1]).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        finally:
+            MLAttention._eager = model_eager
 
-    on, off = [], []
-    for _ in range(1):
-        step(True)
-        step(False)
+    variants = ("off", "model", "sdpa")
+    times = {v: [] for v in variants}
+    for v in variants:
+        step(v)
     for r in range(rounds):
-        for w in ((True, False) if r % 2 else (False, True)):
-            (on if w else off).append(timed(lambda: step(w)))
+        for v in variants[r % 3:] + variants[:r % 3]:
+            times[v].append(timed(lambda: step(v)))
     # the rescale alone: no head over tau (the usual case) and every head over tau (the worst case)
     model.set_track_max_logit(True)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -151,8 +174,10 @@ def bench_clip(cfg, rounds: int, batch: int, seq: int) -> dict:
             a.max_logit.copy_(S[0])
         clip.tau = float(S.min()) / 2
         worst.append(timed(clip.step))
-    return {"on": statistics.median(on), "off": statistics.median(off), "on_min": min(on), "off_min": min(off),
-            "clip_idle": statistics.median(idle), "clip_all_heads": statistics.median(worst), "batch": batch, "seq": seq}
+    out = {f"{v}": statistics.median(t) for v, t in times.items()}
+    out.update({f"{v}_min": min(t) for v, t in times.items()})
+    out.update(clip_idle=statistics.median(idle), clip_all_heads=statistics.median(worst), batch=batch, seq=seq)
+    return out
 
 
 def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
@@ -175,24 +200,31 @@ def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
         f"| AdamW rest | {ta * 1e3:.1f} [{mins['torch_adamw'] * 1e3:.1f}] | {oa * 1e3:.1f} "
         f"[{mins['ours_adamw'] * 1e3:.1f}] | {oa / ta:.2f} |",
         f"| **whole step** | **{(tm + ta) * 1e3:.1f}** | **{(om + oa) * 1e3:.1f}** | **{(om + oa) / (tm + ta):.2f}** |",
+        f"| Muon matrices, `ns_matmul=\"native\"` (bf16 matmuls, as torch) | {tm * 1e3:.1f} | "
+        f"{med['native_muon'] * 1e3:.1f} [{mins['native_muon'] * 1e3:.1f}] | {med['native_muon'] / tm:.2f} |",
         "",
         f"Newton-Schulz work of one step: {s['flops'] / 1e9:.2f} GFLOP. This machine's matmul peak "
         f"(2048^3, best of 5): bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s. "
-        f"MuonClip's Muon part runs at {s['flops'] / om / 1e9:.0f} GFLOP/s = {s['flops'] / om / peaks['bf16']:.0%} "
-        f"of the bf16 peak (torch.optim.Muon: {s['flops'] / tm / 1e9:.0f} GFLOP/s, "
-        f"{s['flops'] / tm / peaks['bf16']:.0%}).",
+        f"MuonClip's Muon part (bf16 values on fp32 units here, `ns_matmul=\"auto\"`) runs at "
+        f"{s['flops'] / om / 1e9:.0f} GFLOP/s = {s['flops'] / om / peaks['bf16']:.0%} of the bf16 peak, "
+        f"{s['flops'] / om / peaks['fp32']:.0%} of the fp32 peak; torch.optim.Muon (bf16 matmuls) "
+        f"{s['flops'] / tm / 1e9:.0f} GFLOP/s = {s['flops'] / tm / peaks['bf16']:.0%} of the bf16 peak.",
     ]
     if c is not None:
+        share = lambda v, suf="": (c[v + suf] - c["off" + suf]) / c[v + suf]  # noqa: E731
         lines += [
             "",
             f"QK-Clip in a training step ({args.preset}, batch {c['batch']} x {c['seq']} tokens, bf16 autocast, "
-            "forward + backward + MuonClip step, alternating with and without QK-Clip): "
-            f"{c['on'] * 1e3:.0f} ms with, {c['off'] * 1e3:.0f} ms without "
-            f"(min {c['on_min'] * 1e3:.0f} / {c['off_min'] * 1e3:.0f}): QK-Clip costs "
-            f"{(c['on'] - c['off']) / c['on']:.1%} of the step (median), {(c['on_min'] - c['off_min']) / c['on_min']:.1%} "
-            "(min). The statistic is the model's (`track_max_logit` computes attention eagerly so the max comes "
-            f"from scores that exist anyway). The rescale alone: {c['clip_idle'] * 1e3:.2f} ms when no head "
-            f"exceeds tau, {c['clip_all_heads'] * 1e3:.2f} ms when every head does.",
+            "forward + backward + MuonClip step; the three variants alternate; medians, min in brackets):", "",
+            "| variant | step (ms) | QK-Clip share of the step |", "|---|---:|---:|",
+            f"| no QK-Clip (fused SDPA, no statistic) | {c['off'] * 1e3:.0f} [{c['off_min'] * 1e3:.0f}] | - |",
+            f"| QK-Clip, statistic as the model computes it now (`track_max_logit`: eager attention) | "
+            f"{c['model'] * 1e3:.0f} [{c['model_min'] * 1e3:.0f}] | {share('model'):.1%} [{share('model', '_min'):.1%}] |",
+            f"| QK-Clip, statistic by `openk2.optim.max_logit` beside fused SDPA (proposed model change) | "
+            f"{c['sdpa'] * 1e3:.0f} [{c['sdpa_min'] * 1e3:.0f}] | {share('sdpa'):.1%} [{share('sdpa', '_min'):.1%}] |",
+            "",
+            f"The rescale itself: {c['clip_idle'] * 1e3:.2f} ms when no head exceeds tau (the usual case once "
+            f"training settles), {c['clip_all_heads'] * 1e3:.2f} ms when every head does; the rest is the statistic.",
         ]
     return "\n".join(lines) + "\n"
 

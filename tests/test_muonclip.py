@@ -14,7 +14,7 @@ from torch import nn
 import torch.optim._muon as torch_muon
 from openk2.model.config import K2Config
 from openk2.model.transformer import build_model
-from openk2.optim import MuonClip, QKClip, find_attention_heads, newton_schulz, param_groups
+from openk2.optim import MuonClip, QKClip, find_attention_heads, max_logit, newton_schulz, param_groups
 from openk2.optim.newton_schulz import NS_SCHEDULES, ns_schedule
 
 BF16_REL = 3e-2  # two bf16 Newton-Schulz implementations differ by ~1-2% (each is ~1.5% from exact)
@@ -333,6 +333,22 @@ def test_max_logit_is_a_running_max_over_micro_batches():
     assert bool(torch.isneginf(clip.max_logits()).all())  # reset after the step
 
 
+def test_max_logit_helper_equals_the_models_statistic():
+    """openk2.optim.max_logit (no autograd, beside a fused kernel) == MLAttention's eager statistic."""
+    torch.manual_seed(0)
+    model = build_model(tiny_k2())
+    model.set_track_max_logit(True)
+    seen, hooks = _capture_attention_inputs(model)
+    model(torch.randint(0, 128, (3, 20)))
+    for h in hooks:
+        h.remove()
+    for i, attn in enumerate(model.attention_layers()):
+        with torch.no_grad():
+            q_nope, q_rope, latent, k_rope = attn._project(*seen[i])
+            q, k, _ = attn._expand(latent, q_nope, q_rope, k_rope)
+        assert torch.allclose(max_logit(q, k, attn.softmax_scale), attn.max_logit, rtol=1e-5, atol=1e-6)
+
+
 def test_master_weights_keep_the_clip():
     torch.manual_seed(0)
     model = build_model(tiny_k2(), dtype=torch.bfloat16)
@@ -368,15 +384,15 @@ def _llama(num_heads, num_kv_heads, impl):
 
 
 @torch.no_grad()
-def _llama_reference_max_logit(model, x):
-    """S_max^h computed from scratch: q/k projections, RoPE, causal max."""
+def _llama_reference_max_logit(model, x, attention_mask=None):
+    """S_max^h computed from scratch: q/k projections, RoPE, causal (and padding) max."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     attn = model.model.layers[0].self_attn
     seen = {}
     hook = attn.register_forward_pre_hook(lambda m, a, kw: seen.update(h=kw["hidden_states"],
                                                                       pe=kw["position_embeddings"]), with_kwargs=True)
-    model(x)
+    model(x, attention_mask=attention_mask)
     hook.remove()
     h, (cos, sin) = seen["h"], seen["pe"]
     B, T, _ = h.shape
@@ -386,7 +402,10 @@ def _llama_reference_max_logit(model, x):
     q, k = apply_rotary_pos_emb(q, k, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     logits = (q @ k.transpose(-1, -2)) * attn.scaling
-    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    keep = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+    if attention_mask is not None:
+        keep = keep & attention_mask.bool()[:, None, None, :]
+    logits = logits.masked_fill(~keep, float("-inf"))
     return logits.amax(dim=(0, 2, 3))
 
 
@@ -405,6 +424,13 @@ def test_qk_clip_gqa_llama(impl):
     assert torch.equal(model(x).logits, out_before)  # routing through QK-Clip's attention changes nothing
     S = opt.qk_clip.max_logits().clone()
     assert torch.allclose(S, ref, rtol=1e-5, atol=1e-6)
+    pad = torch.ones_like(x)
+    pad[0, :5] = 0  # left padding: masked keys must not count
+    opt.qk_clip.reset()
+    model(x, attention_mask=pad)
+    assert torch.allclose(opt.qk_clip.max_logits(), _llama_reference_max_logit(model, x, pad), rtol=1e-5, atol=1e-6)
+    opt.qk_clip.reset()
+    model(x)
     tau = max(float(S[3]) * 1.01, 1e-3)
     assert bool((S[:3] > tau).all())
     opt.qk_clip.tau = tau

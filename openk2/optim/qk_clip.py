@@ -74,23 +74,47 @@ class _HFMaxLogit:
 
     @torch.no_grad()
     def observe(self, module, query, key, attention_mask, scaling, is_causal) -> None:
-        B, H, T, D = query.shape
-        KV, S = key.shape[1], key.shape[2]
-        # [B, KV, H/KV, T, D] @ [B, KV, 1, D, S]: query head h reads key head h // (H/KV), as repeat_kv does.
-        logits = query.float().view(B, KV, H // KV, T, D) @ key.float()[:, :, None].transpose(-1, -2)
-        logits = logits.view(B, H, T, S) * (D**-0.5 if scaling is None else scaling)
-        if attention_mask is None:
-            if is_causal and T > 1:
-                keep = torch.ones(T, S, dtype=torch.bool, device=logits.device).tril(S - T)
-                logits = logits.masked_fill(~keep, float("-inf"))
-        elif attention_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attention_mask[..., :S], float("-inf"))
-        else:
-            logits = logits + attention_mask[..., :S].float()
-        m = logits.amax(dim=(0, 2, 3))
+        m = max_logit(query, key, query.shape[-1] ** -0.5 if scaling is None else scaling, is_causal, attention_mask)
         if self.value.device != m.device:
             self.value = self.value.to(m.device)
         torch.maximum(self.value, m, out=self.value)
+
+
+@torch.no_grad()
+def max_logit(query: torch.Tensor, key: torch.Tensor, scale: float, causal: bool = True,
+              mask: torch.Tensor | None = None, chunk_bytes: int = 64 << 20) -> torch.Tensor:
+    """S_max per query head: max over batch and allowed (i, j) of query_i . key_j * scale, fp32 [H].
+
+    query [B, H, T, D], key [B, KV, S, D] (query head h reads key head h // (H / KV), as repeat_kv
+    does). `mask`: None (causal or full), bool (True = attend) or additive float, broadcastable to
+    [B, H, T, S]. The logits are formed batch-chunk by batch-chunk without autograd, so a model can
+    keep its fused attention kernel for the output and pay one Q K^T for the statistic.
+    """
+    B, H, T, D = query.shape
+    KV, S = key.shape[1], key.shape[2]
+    out = torch.full((H,), float("-inf"), dtype=torch.float32, device=query.device)
+    keep = None
+    if mask is None and causal and T > 1:
+        keep = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
+    step = max(1, chunk_bytes // max(1, H * T * S * 4))
+    for b in range(0, B, step):
+        # fp32 matmul: exact enough for a max, and faster than bf16 on CPUs without AMX
+        q = query[b:b + step].float() * scale
+        k = key[b:b + step].float()
+        n = q.shape[0]
+        # [n, KV, H/KV, T, D] @ [n, KV, 1, D, S] -> [n, H, T, S]
+        logits = (q.reshape(n, KV, H // KV, T, D) @ k[:, :, None].transpose(-1, -2)).reshape(n, H, T, S)
+        if keep is not None:
+            logits.masked_fill_(~keep, float("-inf"))
+        elif mask is not None:
+            mb = mask[b:b + step] if mask.shape[0] > 1 else mask
+            mb = mb[..., :S]
+            if mb.dtype == torch.bool:
+                logits.masked_fill_(~mb, float("-inf"))
+            else:
+                logits += mb.float()
+        torch.maximum(out, logits.amax(dim=(0, 2, 3)), out=out)
+    return out
 
 
 def _attention_with_max_logit(module, query, key, value, attention_mask, **kwargs):
