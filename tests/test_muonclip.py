@@ -191,7 +191,7 @@ def test_bad_arguments_fail_at_construction():
     for tau in (0.0, -5.0, float("nan")):
         with pytest.raises(ValueError, match="tau must be"):
             MuonClip.for_model(model, qk_clip_tau=tau)
-    with pytest.raises(ValueError, match=r"'model.norm.weight' of shape \(64,\) is in a Muon group"):
+    with pytest.raises(ValueError, match=r"param group 0: 'model.norm.weight' of shape \(64,\) is in a Muon group"):
         MuonClip([{"params": [("model.norm.weight", model.model.norm.weight)], "use_muon": True}])
     with pytest.raises(ValueError, match="cannot tell hidden matrices"):
         MuonClip(model.parameters())
@@ -203,6 +203,16 @@ def test_bad_arguments_fail_at_construction():
         MuonClip(model.named_parameters(), ns_steps=0)
     with pytest.raises(ValueError, match="betas"):
         MuonClip(model.named_parameters(), betas=(0.9, 1.5))
+
+
+def test_add_param_group_partitions_by_name_and_rolls_back_bad_groups():
+    a, b, c = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8)), nn.Parameter(torch.randn(3))
+    opt = MuonClip([("layer.weight", a)])
+    opt.add_param_group({"params": [("layer.bias", b)]})
+    assert [g["use_muon"] for g in opt.param_groups] == [True, False]
+    with pytest.raises(ValueError, match="param group 2: 'v' of shape"):
+        opt.add_param_group({"params": [("v", c)], "use_muon": True})
+    assert len(opt.param_groups) == 2
 
 
 def test_adamw_part_matches_torch_adamw():

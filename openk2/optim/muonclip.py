@@ -154,22 +154,40 @@ class MuonClip(Optimizer):
         if qk_clip is not None and not isinstance(qk_clip, QKClip):
             raise TypeError(f"MuonClip: qk_clip must be a QKClip or None, got {type(qk_clip).__name__}")
         super().__init__(self._partition(params), defaults)
-        for i, group in enumerate(self.param_groups):
-            self._validate(group, f"param group {i}: ")
-            if group["use_muon"]:
-                names = group.get("param_names") or [None] * len(group["params"])
-                for name, p in zip(names, group["params"]):
-                    if p.ndim not in (2, 3):
-                        what = f"'{name}'" if name else "a parameter"
-                        raise ValueError(
-                            f"MuonClip: {what} of shape {tuple(p.shape)} is in a Muon group (use_muon=True), but Muon "
-                            "takes 2-D matrices [n, m] or 3-D expert stacks [E, n, m]; put it in a group with "
-                            "use_muon=False (AdamW)")
         self.qk_clip = qk_clip
         self.master_weights = master_weights
         self.clip_stats: dict[str, Any] = {}
-        self._ns_kernel = torch.compile(_ns_kernel, dynamic=False) if compile_ns else _ns_kernel
+        self._ns_kernel = torch.compile(_ns_kernel, dynamic=None) if compile_ns else _ns_kernel
         self._workspace: dict[Any, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "use_muon" not in param_group:
+            parts = self._partition([param_group])
+            if len(parts) != 1:
+                raise ValueError("MuonClip.add_param_group: the group holds both Muon and AdamW parameters; "
+                                 "add them as two groups or set 'use_muon'")
+            param_group = parts[0]
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1], f"param group {len(self.param_groups) - 1}: ")
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+        if hasattr(self, "_workspace"):
+            self._workspace.clear()
+
+    @classmethod
+    def _check_group(cls, group: Mapping[str, Any], where: str) -> None:
+        cls._validate(group, where)
+        if group["use_muon"]:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"]):
+                if p.ndim not in (2, 3):
+                    what = f"'{name}'" if name else "a parameter"
+                    raise ValueError(
+                        f"MuonClip: {where}{what} of shape {tuple(p.shape)} is in a Muon group (use_muon=True), "
+                        "but Muon takes 2-D matrices [n, m] or 3-D expert stacks [E, n, m]; put it in a group with "
+                        "use_muon=False (AdamW)")
 
     # ------------------------------------------------------------ construction
     @classmethod
