@@ -332,3 +332,33 @@ def test_save_is_atomic_and_keeps_side_files(saved_nano):
     ids = torch.randint(3, 100, (1, 8))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def _cli(*args, timeout=120):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "openk2.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_params_prints_exact_k2_counts():
+    r = _cli("params", "kimi-k2")
+    assert r.returncode == 0
+    assert "1,026,408,209,408" in r.stdout and "32,861,477,888" in r.stdout and "1.04T" in r.stdout
+
+
+def test_cli_generate_greedy_matches_model(saved_nano):
+    model, d = saved_nano
+    r = _cli("generate", str(d), "--ids", "5,6,7", "--max-new-tokens", "6", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.split("--- sample 0\n")[1].strip())
+    want = model.eval().generate(torch.tensor([[5, 6, 7]]), max_new_tokens=6)[0, 3:].tolist()
+    assert got[: len(want)] == want
+
+
+def test_cli_generate_bad_checkpoint_is_one_line(saved_nano):
+    _, d = saved_nano
+    (d / "config.json").write_text("{oops")
+    r = _cli("generate", str(d), "--ids", "5")
+    assert r.returncode == 2
+    assert "config.json: invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
