@@ -12,16 +12,9 @@ from openk2.train.pretrain import TrainConfig, load_checkpoint, pretrain
 from openk2.train.schedule import wsd_lr
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from openk2.data.dataset import build_dataset
-    from openk2.data.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("data")
-    tok, _ = train_tokenizer("tiny", 1024)
-    tok.save(d / "tokenizer")
-    build_dataset(d, tok, "tiny", progress=False)
-    return d
+@pytest.fixture()
+def data_dir(tiny_data_dir):
+    return tiny_data_dir
 
 
 def _cfg(tmp_path, data_dir, **kw):
