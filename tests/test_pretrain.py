@@ -104,3 +104,18 @@ def test_cli_bad_input_exits_2_with_one_line(flags, needle, tmp_path):
     assert r.returncode == 2
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_export_cli_writes_loadable_hf_dir(tmp_path, data_dir):
+    import openk2
+
+    cfg = _cfg(tmp_path, data_dir, run_name="exp", max_steps=3)
+    pretrain(cfg, log=lambda *a: None)
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "openk2.cli", "export", str(cfg.run_dir), str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "step 3" in r.stdout
+    a, b = openk2.from_pretrained(out), openk2.from_pretrained(cfg.run_dir / "hf")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert (out / "tokenizer.json").exists()
