@@ -34,7 +34,7 @@ def step(model, ids, hf: bool):
     logits = out.logits
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
-    return float(loss)
+    return float(loss.detach())
 
 
 def main() -> None:
@@ -45,7 +45,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile(openk2) (compile time excluded)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (1 gives stable ratios on a shared machine: no OpenMP spin contention)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
@@ -53,12 +58,15 @@ def main() -> None:
     theirs = hf_model(cfg, dtype)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
-    times = {"openk2": [], "transformers": []}
-    for m, name in ((ours, "openk2"), (theirs, "transformers")):  # warm-up
+    models = [(ours, "openk2"), (theirs, "transformers")]
+    if args.compile:
+        models.append((torch.compile(ours), "openk2_compiled"))
+    times = {name: [] for _, name in models}
+    for m, name in models:  # warm-up (and compilation)
         step(m, ids, name == "transformers")
         m.zero_grad(set_to_none=True)
     for _ in range(args.rounds):
-        for m, name in ((ours, "openk2"), (theirs, "transformers")):
+        for m, name in models:
             t = time.perf_counter()
             step(m, ids, name == "transformers")
             times[name].append(time.perf_counter() - t)
@@ -72,6 +80,9 @@ def main() -> None:
         res[name] = {"median_s": round(med, 4), "tokens_per_s": round(tokens / med, 1),
                      "gflops": round(flops / med / 1e9, 1), "frac_of_peak": round(flops / med / peak, 3)}
     res["ratio_openk2_over_transformers"] = round(res["openk2"]["tokens_per_s"] / res["transformers"]["tokens_per_s"], 2)
+    if args.compile:
+        res["ratio_compiled_openk2_over_transformers"] = round(
+            res["openk2_compiled"]["tokens_per_s"] / res["transformers"]["tokens_per_s"], 2)
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as f:

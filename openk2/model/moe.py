@@ -100,6 +100,7 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden, inter))
         self.recompute = False
 
+    @torch.compiler.disable  # _grouped_mm's meta kernel only takes bf16; keep experts eager under compile
     def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x_sorted [M, H]: rows grouped by expert, counts[e] rows for expert e."""
         offsets = counts.cumsum(0).to(torch.int32)
@@ -134,7 +135,9 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights, idx = self.gate(x)
         flat = idx.reshape(-1)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        # scatter_add, not bincount: a static output shape keeps torch.compile graphs whole
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
         if self.training:
             self.tokens_per_expert += counts
         order = flat.argsort(stable=True)
