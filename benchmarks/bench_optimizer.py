@@ -216,7 +216,8 @@ def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
         "",
         "Where the time goes: torch.optim.Muon runs ~20 small ops per matrix, one matrix at a time, so its "
         "2-thread matmuls on 64 x 256 expert matrices are short and poorly parallel. MuonClip stacks the "
-        "matrices of one shape (all 96 expert matrices of a shape in one tensor, no per-expert Python) and runs "
+        f"matrices of one shape ({s['stacks']} stacks; the largest holds {s['big_stack'][1]} matrices of "
+        f"{s['big_stack'][0][0]} x {s['big_stack'][0][1]}; no per-expert Python) and runs "
         "each Newton-Schulz product as one batched matmul over ~2 MB chunks that stay in L2; momentum and the "
         "update are a few ops per parameter tensor. On this CPU (AVX512-BF16, no AMX) bf16 matmuls run at about "
         "half the fp32 rate (see the peaks above), so `ns_matmul=\"auto\"` computes the bf16 products on fp32 "
@@ -232,7 +233,8 @@ def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
             "| variant | step (ms) | QK-Clip share of the step |", "|---|---:|---:|",
             f"| no QK-Clip (fused SDPA, no statistic) | {c['off'] * 1e3:.0f} [{c['off_min'] * 1e3:.0f}] | - |",
             f"| QK-Clip, statistic as the model computes it now (`track_max_logit`: eager attention) | "
-            f"{c['model'] * 1e3:.0f} [{c['model_min'] * 1e3:.0f}] | {share('model'):.1%} [{share('model', '_min'):.1%}] |",
+            f"{c['model'] * 1e3:.0f} [{c['model_min'] * 1e3:.0f}] | {share('model'):.1%} "
+            f"[{share('model', '_min'):.1%}] |",
             f"| QK-Clip, statistic by `openk2.optim.max_logit` beside fused SDPA (proposed model change) | "
             f"{c['sdpa'] * 1e3:.0f} [{c['sdpa_min'] * 1e3:.0f}] | {share('sdpa'):.1%} [{share('sdpa', '_min'):.1%}] |",
             "",

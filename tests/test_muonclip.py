@@ -21,7 +21,8 @@ BF16_REL = 3e-2  # two bf16 Newton-Schulz implementations differ by ~1-2% (each 
 
 
 def tiny_k2(layers: int = 2, **kw) -> K2Config:
-    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=layers,
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
+                num_hidden_layers=layers,
                 num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
                 qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
                 first_k_dense_replace=1, rope_scaling=None, max_position_embeddings=64, bos_token_id=0, eos_token_id=1)

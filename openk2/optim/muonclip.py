@@ -108,7 +108,10 @@ def _check_number(name: str, value: Any, lo: float | None = None, hi: float | No
     if not ok:
         lo_s = "" if lo is None else ("(" if lo_open else "[") + f"{lo:g}"
         hi_s = "" if hi is None else f"{hi:g}" + (")" if hi_open else "]")
-        rng = f"in {lo_s}, {hi_s}" if lo is not None and hi is not None else (f">= {lo:g}" if not lo_open else f"> {lo:g}")
+        if lo is not None and hi is not None:
+            rng = f"in {lo_s}, {hi_s}"
+        else:
+            rng = f"> {lo:g}" if lo_open else f">= {lo:g}"
         raise ValueError(f"MuonClip: {name} must be a finite number {rng}, got {value!r}")
 
 
@@ -441,7 +444,8 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weigh
     beta1, beta2 = betas
     torch._foreach_add_(steps, 1.0)
     fused = getattr(torch, "_fused_adamw_", None)
-    if fused is not None and params[0].device.type in ("cpu", "cuda") and len({(t.dtype, t.device) for t in params}) == 1:
+    same_kind = len({(t.dtype, t.device) for t in params}) == 1
+    if fused is not None and params[0].device.type in ("cpu", "cuda") and same_kind:
         fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
               weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
         return

@@ -216,7 +216,8 @@ class MLAHeads(AttentionHeads):
         self.kv_b = module.kv_b_proj
         self.nope, self.rope, self.v = module.qk_nope_head_dim, module.qk_rope_head_dim, module.v_head_dim
         H = self.num_heads
-        if self.q_lin.weight.shape[0] != H * (self.nope + self.rope) or self.kv_b.weight.shape[0] != H * (self.nope + self.v):
+        q_rows, kv_rows = self.q_lin.weight.shape[0], self.kv_b.weight.shape[0]
+        if q_rows != H * (self.nope + self.rope) or kv_rows != H * (self.nope + self.v):
             raise ValueError(f"QKClip: {name}: projection shapes do not match the MLA head layout "
                              f"(H={H}, nope={self.nope}, rope={self.rope}, v={self.v})")
 
