@@ -13,10 +13,11 @@ vector shared by all heads). Two forms of the same function:
 
 QK-Clip needs S_max^h = max over the batch and causal pairs (i, j) of
 q_i^h . k_j^h * softmax_scale. With `track_max_logit = True` the naive path
-computes the attention explicitly (scores, softmax, PV) instead of fused SDPA
-so that the max comes from scores that exist anyway: no extra matmul, but the
-[B, H, T, T] scores are materialised (O(T^2) memory per layer). The running
-max lives in `max_logit` until `reset_max_logit()`.
+keeps fused SDPA for the output and forms Q K^T once more without autograd,
+batch-chunk by batch-chunk (`openk2.optim.qk_clip.max_logit`), for the max:
+one extra forward QK^T matmul per layer (about 1/9 of the attention core's
+forward+backward FLOPs), no stored activations. The running max lives in
+`max_logit` until `reset_max_logit()`.
 """
 
 from __future__ import annotations
@@ -128,10 +129,14 @@ class MLAttention(nn.Module):
         else:
             q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
             q, k, v = self._expand(latent, q_nope, q_rope, k_rope)
-        if self.track_max_logit or key_padding_mask is not None:
+        if key_padding_mask is not None:
             out = self._eager(q, k, v, key_padding_mask)
         else:
             out = self._sdpa(q, k, v)
+            if self.track_max_logit:
+                from openk2.optim.qk_clip import max_logit
+
+                torch.maximum(self.max_logit, max_logit(q.detach(), k.detach(), self.softmax_scale), out=self.max_logit)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))
 
     def _sdpa(self, q, k, v):

@@ -22,7 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--optimizer", choices=["muonclip", "adamw"], default=None)
     p.add_argument("--qk-clip-tau", type=float, default=None, help="QK-Clip threshold; 0 disables (plain Muon)")
     p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="autocast dtype (default bfloat16)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default=None,
+                   help="matmul dtype: bfloat16 autocast or float32 (default auto: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--recompute", choices=["none", "selective"], default=None)
     p.add_argument("--val-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)

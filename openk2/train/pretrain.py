@@ -28,9 +28,11 @@ from openk2.model.transformer import K2ForCausalLM, build_model
 from openk2.train.flops import train_flops_per_token
 from openk2.train.schedule import wsd_lr
 
-# Matmul peaks used for the MFU estimate (FLOP/s). CPU numbers were measured on
-# the reference 2-core machine with 1024x1024 matmuls; GPU numbers are dense bf16 specs.
-PEAK_FLOPS = {("cpu", "float32"): 180e9, ("cpu", "bfloat16"): 830e9,
+# Matmul peaks used for the MFU estimate (FLOP/s). CPU: measured on the reference
+# 2-core machine (2 threads, 2048^3 matmuls, best of 5; docs/benchmarks.md): fp32 355,
+# bf16 177 GFLOP/s (AVX512-BF16 without AMX: bf16 runs at half the fp32 rate there,
+# not the ~4x that shared/RESOURCES.md reports for other machines). GPU: dense specs.
+PEAK_FLOPS = {("cpu", "float32"): 355e9, ("cpu", "bfloat16"): 177e9,
               ("cuda", "bfloat16"): 989e12, ("cuda", "float32"): 67e12}
 
 
@@ -63,7 +65,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     router_bias_update_rate: float | None = None  # None: the model config's (1e-3)
     # numerics and memory
-    dtype: str = "bfloat16"  # autocast dtype for matmuls ("float32" disables autocast)
+    # "auto": bf16 autocast on GPUs, fp32 on CPUs (measured on the reference 2-core CPU, AVX512-BF16
+    # without AMX: a bf16-autocast k2-tiny step ran at 0.8x the fp32 step; docs/benchmarks.md)
+    dtype: str = "auto"
     recompute: str = "none"  # or "selective"
     # observability and checkpoints
     track_max_logit: bool = True
@@ -96,7 +100,8 @@ class TrainConfig:
         need(self.qk_clip_tau is None or self.qk_clip_tau > 0, "qk_clip_tau", f"must be > 0, got {self.qk_clip_tau}")
         need(self.grad_clip >= 0, "grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         need(self.optimizer in ("muonclip", "adamw"), "optimizer", f"must be 'muonclip' or 'adamw', got {self.optimizer!r}")
-        need(self.dtype in ("float32", "bfloat16"), "dtype", f"must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        need(self.dtype in ("auto", "float32", "bfloat16"), "dtype",
+             f"must be 'auto', 'float32' or 'bfloat16', got {self.dtype!r}")
         need(self.recompute in ("none", "selective"), "recompute", f"must be 'none' or 'selective', got {self.recompute!r}")
         need(self.vocab_size >= 512, "vocab_size", f"must be >= 512, got {self.vocab_size}")
         need(self.val_every >= 1 and self.ckpt_every >= 1 and self.log_every >= 1, "val_every/ckpt_every/log_every",
@@ -319,13 +324,14 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
         metrics_path.write_text("".join(k + "\n" for k in keep))
 
     dev = model.lm_head.weight.device if hasattr(model, "lm_head") else torch.device("cpu")
-    use_bf16 = cfg.dtype == "bfloat16"
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if dev.type == "cuda" else "float32")
+    use_bf16 = dtype == "bfloat16"
 
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     flops_per_token = train_flops_per_token(mcfg, cfg.seq_len)
-    peak = PEAK_FLOPS.get((dev.type, cfg.dtype), 180e9) * world
+    peak = PEAK_FLOPS.get((dev.type, dtype), 180e9) * world
     micro = cfg.batch_size // cfg.grad_accum
     batches = data.batches(micro * 1)  # global micro-batch; each rank gets its rows
     if is_main:
