@@ -133,7 +133,7 @@ class MLAttention(nn.Module):
             out = self._eager(q, k, v, key_padding_mask)
         else:
             out = self._sdpa(q, k, v)
-            if self.track_max_logit:
+            if self.track_max_logit and self.training:  # eval forwards must not feed the next clip
                 from openk2.optim.qk_clip import max_logit
 
                 torch.maximum(self.max_logit, max_logit(q.detach(), k.detach(), self.softmax_scale), out=self.max_logit)
@@ -156,7 +156,7 @@ class MLAttention(nn.Module):
         if key_padding_mask is not None:
             mask = mask[None, None] & key_padding_mask[:, None, None, :].bool()
         scores = scores.masked_fill(~mask, float("-inf"))
-        if self.track_max_logit:
+        if self.track_max_logit and self.training:
             self._update_max_logit(scores.detach())
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(v.dtype)
         return torch.matmul(probs, v)
@@ -187,7 +187,7 @@ class MLAttention(nn.Module):
         mask = torch.arange(end, device=x.device)[None, :] <= pos_q[:, None]  # [T, S]
         mask = mask[None, None] & cache.valid[:, None, None, :end]
         scores = scores.masked_fill(~mask, float("-inf"))
-        if self.track_max_logit:
+        if self.track_max_logit and self.training:
             self._update_max_logit(scores)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(x.dtype)
         o_lat = torch.matmul(probs, c_kv[:, None])  # [B, H, T, C]
