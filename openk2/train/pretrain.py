@@ -51,7 +51,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # global sequences per optimizer step
     grad_accum: int = 1  # micro-batches per step (batch_size is split across them)
-    max_steps: int = 450
+    max_steps: int = 400
     # optimizer (K2: MuonClip, tau 100, wd 0.1, WSD)
     optimizer: str = "muonclip"  # or "adamw"
     lr: float = 3e-3
