@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="prepared corpus (default RUNS_DIR/_data/CORPUS-vVOCAB)")
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     p.add_argument("--no-progress", action="store_true", help="no per-run progress bar")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default torch's; 1 is faster on a machine shared with other jobs)")
 
 
 def settings_from_args(name: str, args: argparse.Namespace):
@@ -68,8 +70,16 @@ def settings_from_args(name: str, args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     from openk2.experiments import run_experiment
 
+    from openk2.errors import ConfigError
+
     names = list(EXPERIMENTS) if args.name == "all" else [args.name]
     settings = {n: settings_from_args(n, args) for n in names}  # every user error before any training
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     for n in names:
         argv = sys.argv[1:]
         cmd = "openk2 " + shlex.join(argv) if argv[:1] == ["experiment"] and args.name != "all" else None

@@ -21,7 +21,7 @@ TITLE = "Attention heads = layers vs doubled heads (report Fig. 6 in miniature)"
 
 @dataclass
 class Settings(Scale):
-    steps: int = 500
+    steps: int = 400
     layers: int | None = None  # None: the preset's depth; heads = layers and 2 x layers
     seeds: tuple[int, ...] = (0, 1, 2)
     long_context: int = 131072

@@ -27,7 +27,7 @@ TITLE = "MuonClip vs AdamW: tokens to reach AdamW's loss"
 
 @dataclass
 class Settings(Scale):
-    steps: int = 600
+    steps: int = 500
     adamw_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     muon_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
     qk_clip_tau: float = 100.0  # K2's tau; at this scale logits stay far below it, so MuonClip acts as Muon

@@ -25,7 +25,7 @@ TITLE = "Sparsity scaling at fixed activated parameters (report Fig. 5 in miniat
 
 @dataclass
 class Settings(Scale):
-    steps: int = 500
+    steps: int = 400
     experts: tuple[int, ...] = (16, 32, 64, 96)  # with 2 active: sparsity 8, 16, 32, 48 as in the report
     active: int = 2
     moe_intermediate_size: int | None = 64  # None: the preset's
