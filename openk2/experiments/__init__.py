@@ -40,6 +40,6 @@ def run_experiment(name: str, settings: Any = None, runs_root: str | Path = "run
     runner = Runner(name, s, runs_root=runs_root, log=log, progress=progress, fresh=fresh)
     body, results = mod.run(s, runner)
     cmd = command or f"openk2 experiment {name}" + (" --quick" if quick else "")
-    path = write_report(runner.out_dir, mod.TITLE, cmd, s, body, results, runner.elapsed())
+    path = write_report(runner.out_dir, mod.TITLE, cmd, s, body, results, runner.run_seconds)
     log(f"{name}: report {path} ({runner.elapsed() / 60:.1f} min)")
     return json.loads((runner.out_dir / "results.json").read_text())

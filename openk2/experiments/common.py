@@ -36,7 +36,7 @@ class Scale:
     corpus: str = "default"
     vocab_size: int = 8192
     data_dir: str | None = None  # default RUNS/_data/CORPUS-vVOCAB (shared with `openk2 pretrain`)
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # the trainer's: fp32 on CPUs (measured faster there than bf16 autocast), bf16 on GPUs
     val_every: int = 50
     val_batches: int = 8
     seeds: tuple[int, ...] = (0,)
@@ -112,6 +112,7 @@ class Runner:
         self.fresh = fresh
         self.planned = 0
         self.done = 0
+        self.run_seconds = 0.0  # training wall time of the runs, as measured when each ran (cached ones too)
         self.started = time.perf_counter()
         self._tokenizer = None
 
@@ -190,6 +191,7 @@ class Runner:
             run.config["analysis"] = extra
         if not keep_checkpoint_files:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        self.run_seconds += wall
         how = "cached" if cached else f"{wall:.0f} s"
         self.log(f"{n}: {describe}: val loss {run.final_val_loss:.4f} after {run.tokens:,} tokens ({how})")
         return run
@@ -211,21 +213,31 @@ def md_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def write_report(out_dir: Path, title: str, command: str, scale: Scale, body: str, results: dict,
-                 elapsed_s: float) -> Path:
+                 run_seconds: float) -> Path:
     """report.md (markdown) and results.json (the same numbers, machine-readable) in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = json.dumps(scale.to_dict(), sort_keys=True)
     text = (f"# {title}\n\n"
             f"Command: `{command}`\n\n"
             f"Settings: `{settings}`\n\n"
-            f"Wall time: {elapsed_s / 60:.1f} min (runs reused from cache count as 0).\n\n"
+            f"Training wall time: {run_seconds / 60:.1f} min (sum over the runs, each timed when it ran; "
+            f"{_machine()}).\n\n"
             f"{body.strip()}\n")
     path = out_dir / "report.md"
     path.write_text(text)
-    results = {"title": title, "command": command, "settings": scale.to_dict(), "elapsed_s": round(elapsed_s, 1),
+    results = {"title": title, "command": command, "settings": scale.to_dict(), "run_seconds": round(run_seconds, 1),
                **results}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return path
+
+
+def _machine() -> str:
+    import os
+
+    import torch
+
+    dev = f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{dev}, {torch.get_num_threads()} torch threads"
 
 
 def pyplot():

@@ -30,6 +30,8 @@ class Settings(Scale):
     steps: int = 500
     adamw_lrs: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     muon_fractions: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
+    # a check of the RMS-matching premise: MuonClip at other lrs, full budget (not used for the fraction)
+    muon_lr_check: tuple[float, ...] = (1e-3, 1e-2)
     qk_clip_tau: float = 100.0  # K2's tau; at this scale logits stay far below it, so MuonClip acts as Muon
     warmup_steps: int = 30
     decay_fraction: float = 0.35
@@ -41,7 +43,8 @@ def default_settings() -> Settings:
 
 def quick_settings() -> Settings:
     return Settings(corpus="tiny", vocab_size=1024, seq_len=32, batch_size=8, steps=16, val_every=4, val_batches=2,
-                    dtype="float32", adamw_lrs=(1e-3, 1e-2), muon_fractions=(0.5, 1.0), warmup_steps=2)
+                    dtype="float32", adamw_lrs=(1e-3, 1e-2), muon_fractions=(0.5, 1.0), warmup_steps=2,
+                    muon_lr_check=())
 
 
 def _val_at(run: Run, max_tokens: int) -> float:
@@ -52,7 +55,7 @@ def _val_at(run: Run, max_tokens: int) -> float:
 
 
 def run(s: Settings, runner: Runner) -> tuple[str, dict]:
-    runner.planned = len(s.seeds) * (len(s.adamw_lrs) + len(s.muon_fractions))
+    runner.planned = len(s.seeds) * (len(s.adamw_lrs) + len(s.muon_fractions) + len(s.muon_lr_check))
     common = dict(warmup_steps=s.warmup_steps, decay_fraction=s.decay_fraction)
 
     # 1. AdamW sweep at the full budget
@@ -75,6 +78,13 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
                                  optimizer="muonclip", lr=best_lr, qk_clip_tau=s.qk_clip_tau, seed=seed,
                                  max_steps=steps, warmup_steps=warm, decay_fraction=s.decay_fraction)
                       for seed in s.seeds]
+    lr_check: dict[float, list[Run]] = {}
+    for lr in s.muon_lr_check:
+        if lr == best_lr:
+            continue
+        lr_check[lr] = [runner.run(f"muonclip-lr{lr:g}-f1-s{seed}", f"MuonClip lr={lr:g} (lr check) seed={seed}",
+                                   optimizer="muonclip", lr=lr, qk_clip_tau=s.qk_clip_tau, seed=seed, **common)
+                        for seed in s.seeds]
     budget_tokens = [muon[f][0].tokens for f in sorted(muon)]
     budget_losses = [mean_std([r.final_val_loss for r in muon[f]])[0] for f in sorted(muon)]
     reach = tokens_to_reach(budget_tokens, budget_losses, target)
@@ -101,6 +111,8 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
              fmt_pm([r.final_val_loss for r in runs])] for lr, runs in adamw.items()]
     rows += [[f"MuonClip lr={best_lr:g}, {f:g} of budget", f"{muon[f][0].tokens:,}",
               fmt_pm([r.final_val_loss for r in muon[f]])] for f in sorted(muon)]
+    rows += [[f"MuonClip lr={lr:g} (lr check), full budget", f"{full_tokens:,}",
+              fmt_pm([r.final_val_loss for r in runs])] for lr, runs in sorted(lr_check.items())]
     edge = best_lr in (min(s.adamw_lrs), max(s.adamw_lrs)) and len(s.adamw_lrs) > 1
     muon_full = budget_losses[-1] if max(muon) == 1.0 else None
 
@@ -121,6 +133,13 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
         f"there {stable_target:.4f}): {', '.join(pct(x) for x in frac_stable)}.",
         "- Same tokens: MuonClip ends at " + (f"{muon_full:.4f} vs AdamW {target:.4f} "
                                              f"({100 * (muon_full - target) / target:+.2f}%)." if muon_full else "n/a."),
+        *([f"- RMS-matching check: MuonClip at the full budget with lr "
+           + ", ".join(f"{lr:g}: {mean_std([r.final_val_loss for r in runs])[0]:.4f}" for lr, runs in sorted(lr_check.items()))
+           + f" against {muon_full:.4f} at AdamW's lr {best_lr:g}"
+           + (" (AdamW's lr is also the best of these for MuonClip)." if all(
+               mean_std([r.final_val_loss for r in runs])[0] > muon_full for runs in lr_check.values())
+              else ": another lr is better for MuonClip, so reusing AdamW's lr leaves MuonClip some loss, and the "
+                   "fraction above is conservative.")] if lr_check and muon_full else []),
         "- Moonlight (and the K2 report, which builds on it) reports Muon matching AdamW with about 52% of the "
         "training FLOPs; model FLOPs per token are identical here, so the token fraction is the FLOP fraction.",
         "",
@@ -138,6 +157,7 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
         "token_fraction_per_seed": per_seed,
         "stable_phase_end_tokens": stable_end, "stable_phase_adamw_loss": stable_target,
         "stable_phase_token_fraction": frac_stable,
+        "muon_lr_check_final": {f"{lr:g}": [r.final_val_loss for r in runs] for lr, runs in lr_check.items()},
     }
     return "\n".join(lines), results
 

@@ -82,6 +82,10 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
                                         stats[ref]["train_flops_per_token"], stats[E]["train_flops_per_token"])
                      for i in range(len(s.seeds))] for E in s.experts}
     finals = {E: [r.final_val_loss for r in rs] for E, rs in runs.items()}
+    # the loss gap to the least sparse model along training (seed means): does sparsity pay off later?
+    full = {E: mean_curve([r.val_curve() for r in rs]) for E, rs in runs.items()}
+    gaps = {E: [b - a for a, b in zip(full[ref][1], full[E][1])] for E in s.experts}
+    gap_tokens = full[ref][0]
 
     def m(x):
         return "not reached" if x is None else f"{x:.2f}x"
@@ -94,6 +98,8 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
                       f"{100 * (mean_std(finals[E])[0] / mean_std(finals[ref])[0] - 1):+.2f}%",
                       m(mult[E]) + (f" ({', '.join(m(x) for x in mult_seed[E])})" if len(s.seeds) > 1 else "")])
     top = max(s.experts)
+    marks = sorted({0, len(gap_tokens) // 2, len(gap_tokens) - 1})
+    gap_table = [[f"{E / s.active:g}"] + [f"{gaps[E][i]:+.4f}" for i in marks] for E in s.experts if E != ref]
     body = [
         f"{s.active} activated routed experts + 1 shared, expert FFN width "
         f"{s.moe_intermediate_size or 'as the preset'}; {s.steps} steps x {s.tokens_per_step:,} tokens; "
@@ -109,21 +115,41 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
         f"- Sparsity {top / s.active:g} vs {ref / s.active:g}: {m(mult[top])} (report Fig. 5: sparsity 48 needs "
         "1.69x, 1.39x and 1.15x fewer FLOPs than sparsity 8, 16 and 32 to reach loss 1.5).",
         "",
+        f"Validation loss minus sparsity {ref / s.active:g}'s along training (seed means; negative: the sparser "
+        "model is ahead):",
+        "",
+        md_table(["sparsity"] + [f"{gap_tokens[i]:,} tokens" for i in marks], gap_table),
+        "",
         "![validation loss vs FLOPs](val_loss_vs_flops.png)",
+        "",
+        "![gap](gap.png)",
         "",
         "![final loss vs sparsity](final_loss.png)",
     ]
-    _plots(s, runner, runs, curves, stats, target, finals)
+    _plots(s, runner, runs, curves, stats, target, finals, gap_tokens, gaps)
     results = {"experts": list(s.experts), "active": s.active, "stats": {str(E): stats[E] for E in s.experts},
                "final_val": {str(E): finals[E] for E in s.experts}, "target_loss": target,
                "stable_phase_end_tokens": stable_tokens,
                "compute_multiplier": {str(E): mult[E] for E in s.experts},
-               "compute_multiplier_per_seed": {str(E): mult_seed[E] for E in s.experts}}
+               "compute_multiplier_per_seed": {str(E): mult_seed[E] for E in s.experts},
+               "gap_tokens": gap_tokens, "gap_to_least_sparse": {str(E): gaps[E] for E in s.experts}}
     return "\n".join(body), results
 
 
-def _plots(s, runner, runs, curves, stats, target, finals) -> None:
+def _plots(s, runner, runs, curves, stats, target, finals, gap_tokens, gaps) -> None:
     plt = pyplot()
+    ref = min(s.experts)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for E in s.experts:
+        if E != ref:
+            ax.plot(gap_tokens, gaps[E], "o-", ms=3, label=f"sparsity {E / s.active:g}")
+    ax.axhline(0, color="gray", ls="--", label=f"sparsity {ref / s.active:g}")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(f"val loss - sparsity {ref / s.active:g}'s (nats)")
+    ax.set_title("gap to the least sparse model (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_fig(fig, runner.out_dir / "gap.png")
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for E, rs in runs.items():
         t, mean, std = mean_curve([r.val_curve() for r in rs])
