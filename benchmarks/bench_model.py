@@ -3,6 +3,13 @@
 Alternates the two models for several rounds in one process and reports
 tokens/s, the ratio, and achieved FLOP/s against this machine's matmul peak.
 
+Two ways to get the loss, both timed:
+  labels: each model's own training loss, `model(ids, labels=ids).loss`
+          (transformers: logits + ForCausalLMLoss; openk2: the fused LM-head +
+          cross-entropy that `openk2 pretrain` uses);
+  logits: `model(ids).logits` and one shared F.cross_entropy outside the model
+          (the same loss code for both: isolates the decoder stack).
+
     python benchmarks/bench_model.py [--preset k2-tiny] [--batch 4] [--seq 512] [--rounds 5] [--dtype float32|bfloat16]
 """
 
@@ -29,10 +36,12 @@ def hf_model(cfg, dtype):
     return m.to(dtype).train()
 
 
-def step(model, ids, hf: bool):
-    out = model(ids)
-    logits = out.logits
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+def step(model, ids, mode: str):
+    if mode == "labels":
+        loss = model(ids, labels=ids).loss
+    else:
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
     loss.backward()
     return float(loss.detach())
 
@@ -46,6 +55,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--json", default=None, help="write results here")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(openk2) (compile time excluded)")
+    ap.add_argument("--modes", default="labels,logits", help="comma list of loss modes: labels, logits")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (1 gives stable ratios on a shared machine: no OpenMP spin contention)")
     args = ap.parse_args()
@@ -58,18 +68,20 @@ def main() -> None:
     theirs = hf_model(cfg, dtype)
     ids = torch.randint(3, cfg.vocab_size, (args.batch, args.seq))
     tokens = args.batch * args.seq
+    modes = [m for m in args.modes.split(",") if m]
     models = [(ours, "openk2"), (theirs, "transformers")]
     if args.compile:
         models.append((torch.compile(ours), "openk2_compiled"))
-    times = {name: [] for _, name in models}
-    for m, name in models:  # warm-up (and compilation)
-        step(m, ids, name == "transformers")
+    cases = [(m, name, mode) for mode in modes for m, name in models]
+    times = {f"{name}/{mode}": [] for _, name, mode in cases}
+    for m, name, mode in cases:  # warm-up (and compilation)
+        step(m, ids, mode)
         m.zero_grad(set_to_none=True)
     for _ in range(args.rounds):
-        for m, name in models:
+        for m, name, mode in cases:
             t = time.perf_counter()
-            step(m, ids, name == "transformers")
-            times[name].append(time.perf_counter() - t)
+            step(m, ids, mode)
+            times[f"{name}/{mode}"].append(time.perf_counter() - t)
             m.zero_grad(set_to_none=True)
     flops = train_flops_per_token(cfg, args.seq) * tokens
     peak = {"float32": 180e9, "bfloat16": 830e9}[args.dtype]
@@ -79,10 +91,11 @@ def main() -> None:
         med = statistics.median(ts)
         res[name] = {"median_s": round(med, 4), "tokens_per_s": round(tokens / med, 1),
                      "gflops": round(flops / med / 1e9, 1), "frac_of_peak": round(flops / med / peak, 3)}
-    res["ratio_openk2_over_transformers"] = round(res["openk2"]["tokens_per_s"] / res["transformers"]["tokens_per_s"], 2)
-    if args.compile:
-        res["ratio_compiled_openk2_over_transformers"] = round(
-            res["openk2_compiled"]["tokens_per_s"] / res["transformers"]["tokens_per_s"], 2)
+    for mode in modes:
+        base = res[f"transformers/{mode}"]["tokens_per_s"]
+        for name in ("openk2", "openk2_compiled"):
+            if f"{name}/{mode}" in res:
+                res[f"ratio {name}/{mode} over transformers/{mode}"] = round(res[f"{name}/{mode}"]["tokens_per_s"] / base, 2)
     print(json.dumps(res, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -19,10 +19,45 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, scale in the input dtype (as HF DeepseekV3RMSNorm does).
-        dtype = x.dtype
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFn.apply(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """rms_norm_reference with a hand-written backward: 5 passes over the activations instead of autograd's ~10.
+
+    dx = r * (w*dy - xhat * mean(w*dy * xhat)), dw = sum over rows of dy * xhat,
+    with xhat = x * r, r = rsqrt(mean(x^2) + eps) (fp32).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
+        xhat = (h * r).to(x.dtype)
+        ctx.save_for_backward(xhat, r, weight)
+        ctx.x_dtype = x.dtype
+        return weight * xhat
+
+    @staticmethod
+    def backward(ctx, dy):
+        xhat, r, weight = ctx.saved_tensors
+        dw = (dy * xhat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            wdy = (dy * weight).float()
+            xh = xhat.float()
+            c = (wdy * xh).mean(-1, keepdim=True)
+            dx = wdy.sub_(xh.mul_(c) if xh is not xhat else xh * c).mul_(r).to(ctx.x_dtype)
+        return dx, dw, None
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

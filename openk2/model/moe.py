@@ -40,6 +40,8 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
     if w.dtype != x.dtype:  # under autocast the activations are bf16, the master weights fp32
         w = w.to(x.dtype)
     if _grouped_mm_ok(x):
+        if not x.is_contiguous():  # the kernel wants 16-byte aligned row strides
+            x = x.contiguous()
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offsets)
     # Fallback (older torch / other devices): one matmul per non-empty group.
     outs = []
@@ -47,6 +49,44 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
         if chunk.shape[0]:
             outs.append(chunk @ w[e].T)
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
+
+
+class _GatherRows(torch.autograd.Function):
+    """x[index] for 2-D x. Forward through the embedding kernel (measured 2.7x faster than index_select on
+    CPU for [2048, 256] -> [16384, 256]), backward an index_add (the fastest scatter there)."""
+
+    @staticmethod
+    def forward(ctx, x, index):
+        ctx.save_for_backward(index)
+        ctx.rows = x.shape[0]
+        return F.embedding(index, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, index, grad), None
+
+
+class _ScatterAddRows(torch.autograd.Function):
+    """out[n] = sum of y[m] over index[m] == n (out has `rows` rows); the transpose of _GatherRows."""
+
+    @staticmethod
+    def forward(ctx, y, index, rows):
+        ctx.save_for_backward(index)
+        return y.new_zeros(rows, y.shape[1]).index_add_(0, index, y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return F.embedding(index, grad.contiguous()), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return _GatherRows.apply(x, index) if x.requires_grad and torch.is_grad_enabled() else F.embedding(index, x)
+
+
+def scatter_add_rows(y: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
+    return _ScatterAddRows.apply(y, index, rows)
 
 
 class Router(nn.Module):
@@ -101,12 +141,20 @@ class GroupedExperts(nn.Module):
         self.recompute = False
 
     @torch.compiler.disable  # _grouped_mm's meta kernel only takes bf16; keep experts eager under compile
-    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x_sorted [M, H]: rows grouped by expert, counts[e] rows for expert e."""
+    def forward(self, x_sorted: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """x_sorted [M, H]: rows grouped by expert, counts[e] rows for expert e.
+
+        `scale` [M] (the routing weights): row m's output is multiplied by it.
+        Applied to the SwiGLU product (width I) before the down projection,
+        which is linear, so it equals scaling the output (width H) at I/H of
+        the elementwise work (64/256 in k2-tiny, 2048/7168 in K2).
+        """
         offsets = counts.cumsum(0).to(torch.int32)
         # one grouped matmul for gate and up (half the kernel launches of two)
         gu = grouped_matmul(x_sorted, torch.cat([self.gate_proj, self.up_proj], dim=1), counts, offsets)
         g, u = gu.chunk(2, dim=-1)
+        if scale is not None:
+            u = u * scale[:, None].to(u.dtype)
         if self.recompute and torch.is_grad_enabled():
             h = torch.utils.checkpoint.checkpoint(swiglu, g, u, use_reentrant=False)
         else:
@@ -142,13 +190,13 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
         order = flat.argsort(stable=True)
         token = order // self.top_k
-        x_sorted = x.index_select(0, token)  # (backward: index_add, ~3x faster than x[token]'s index_put)
+        x_sorted = gather_rows(x, token)
+        scale = weights.reshape(-1)[order]  # each (token, expert) row's routing weight, applied inside the experts
         if self.dispatcher is not None:
-            y_sorted = self.dispatcher(self.experts, x_sorted, counts)
+            y_sorted = self.dispatcher(self.experts, x_sorted, counts, scale)
         else:
-            y_sorted = self.experts(x_sorted, counts)
-        y_sorted = y_sorted * weights.reshape(-1)[order, None].to(y_sorted.dtype)
-        y = torch.zeros_like(x).index_add_(0, token, y_sorted.to(x.dtype))
+            y_sorted = self.experts(x_sorted, counts, scale)
+        y = scatter_add_rows(y_sorted.to(x.dtype), token, x.shape[0])
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -12,13 +12,14 @@ from torch import nn
 
 from openk2.model.attention import MLACache, MLAttention
 from openk2.model.config import K2Config
+from openk2.model.loss import IGNORE_INDEX, linear_cross_entropy
 from openk2.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
 from openk2.model.moe import MoE
 
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
 
 
@@ -68,8 +69,12 @@ class K2Model(nn.Module):
 class K2ForCausalLM(nn.Module):
     """Kimi K2 / DeepSeek-V3 causal LM.
 
-    `model(input_ids)` returns a `CausalLMOutput` whose `.logits` is [B, T, V];
-    with `labels` (HF convention: shifted inside, -100 ignored) it has `.loss`.
+    `model(input_ids)` returns a `CausalLMOutput` whose `.logits` is [B, T, V].
+    With `labels` (HF convention: shifted inside, -100 ignored) or
+    `shift_labels` (already aligned: position t's target) it has `.loss`, the
+    mean cross-entropy, computed by the fused LM-head + loss
+    (openk2.model.loss.linear_cross_entropy) without materialising the
+    logits; `.logits` is then None unless `return_logits=True`.
     """
 
     def __init__(self, config: K2Config, init_weights: bool = True):
@@ -116,20 +121,35 @@ class K2ForCausalLM(nn.Module):
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids=None,
                 cache: MLACache | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, shift_labels: torch.Tensor | None = None,
+                return_logits: bool = False) -> CausalLMOutput:
         key_padding_mask = None
         if attention_mask is not None and cache is None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         h = self.model(input_ids, position_ids, cache, key_padding_mask)
+        if labels is not None and shift_labels is not None:
+            raise ValueError("K2ForCausalLM: pass labels (shifted inside) or shift_labels, not both")
+        if labels is not None or shift_labels is not None:
+            if logits_to_keep:
+                raise ValueError("K2ForCausalLM: logits_to_keep cannot be combined with labels")
+            if labels is not None:  # position t predicts token t+1; the last position has no target
+                h_loss, targets = h[:, :-1], labels[:, 1:]
+            else:
+                h_loss, targets = h, shift_labels
+            if tuple(targets.shape) != tuple(h_loss.shape[:-1]):
+                raise ValueError(f"K2ForCausalLM: labels of shape {tuple(targets.shape)} do not match "
+                                 f"input_ids of shape {tuple(input_ids.shape)}")
+            if not return_logits:
+                return CausalLMOutput(logits=None, loss=linear_cross_entropy(h_loss, self.lm_head.weight, targets))
+            logits = self.lm_head(h)
+            lg = logits[:, :-1] if labels is not None else logits
+            loss = F.cross_entropy(lg.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+            return CausalLMOutput(logits=logits, loss=loss)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return CausalLMOutput(logits=self.lm_head(h))
 
     # ------------------------------------------------------- training hooks
     def attention_layers(self) -> list[MLAttention]:

@@ -59,7 +59,8 @@ class ExpertParallelDispatcher:
         self.n_experts = n_experts
         self.local = n_experts // self.world
 
-    def __call__(self, experts: GroupedExperts, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def __call__(self, experts: GroupedExperts, x_sorted: torch.Tensor, counts: torch.Tensor,
+                 scale: torch.Tensor | None = None) -> torch.Tensor:
 
         W, Le = self.world, self.local
         counts = counts.to(torch.long)
@@ -69,12 +70,19 @@ class ExpertParallelDispatcher:
         recv_counts = recv_counts.view(W, Le)
         send_splits = counts.view(W, Le).sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
+        if scale is not None:  # the routing weights travel as one more column (one all-to-all, not two)
+            x_sorted = torch.cat([x_sorted, scale[:, None].to(x_sorted.dtype)], dim=1)
         received = _all_to_all(x_sorted, recv_splits, send_splits, self.group)
         # received rows are ordered (source rank, local expert); regroup by local expert
         src_expert = torch.arange(W * Le, device=x_sorted.device).view(W, Le) % Le
         key = torch.repeat_interleave(src_expert.flatten(), recv_counts.flatten())
         perm = key.argsort(stable=True)
-        y = experts(received.index_select(0, perm), recv_counts.sum(0))
+        received = received.index_select(0, perm)
+        if scale is not None:
+            received, rscale = received[:, :-1], received[:, -1]
+        else:
+            rscale = None
+        y = experts(received, recv_counts.sum(0), rscale)
         y = torch.empty_like(y).index_copy(0, perm, y)
         return _all_to_all(y, send_splits, recv_splits, self.group)
 

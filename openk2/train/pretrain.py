@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from openk2.errors import CheckpointError, ConfigError
 from openk2.model.config import K2Config, get_preset
@@ -255,8 +254,8 @@ def evaluate(model, data_dir, cfg: TrainConfig, autocast) -> float:
     for _ in range(cfg.val_batches):
         batch = next(it)
         with autocast():
-            logits = model(batch[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
+            loss = model(batch[:, :-1], shift_labels=batch[:, 1:]).loss  # fused head + loss (no grad here)
+        total += loss.item() * batch[:, 1:].numel()
         n += batch[:, 1:].numel()
     model.train(was)
     if world > 1:
@@ -359,9 +358,8 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
             loss_sum = 0.0
             for _ in range(cfg.grad_accum):
                 batch = next(batches).to(dev)
-                with autocast():
-                    logits = model(batch[:, :-1]).logits
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+                with autocast():  # fused LM head + cross-entropy (openk2.model.loss): no [N, V] logits
+                    loss = model(batch[:, :-1], shift_labels=batch[:, 1:]).loss
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
             if world > 1:
