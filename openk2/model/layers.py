@@ -26,7 +26,7 @@ class RMSNorm(nn.Module):
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
-    h = x.float()
+    h = x.to(torch.promote_types(dtype, torch.float32))
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(dtype)
 
@@ -40,7 +40,7 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        h = x.float()
+        h = x.to(torch.promote_types(x.dtype, torch.float32))
         r = torch.rsqrt(h.pow(2).mean(-1, keepdim=True).add_(eps))
         xhat = (h * r).to(x.dtype)
         ctx.save_for_backward(xhat, r, weight)
@@ -53,8 +53,9 @@ class _RMSNormFn(torch.autograd.Function):
         dw = (dy * xhat).flatten(0, -2).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            wdy = (dy * weight).float()
-            xh = xhat.float()
+            ct = r.dtype
+            wdy = (dy * weight).to(ct)
+            xh = xhat.to(ct)
             c = (wdy * xh).mean(-1, keepdim=True)
             dx = wdy.sub_(xh.mul_(c) if xh is not xhat else xh * c).mul_(r).to(ctx.x_dtype)
         return dx, dw, None
