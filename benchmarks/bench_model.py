@@ -36,6 +36,19 @@ def hf_model(cfg, dtype):
     return m.to(dtype).train()
 
 
+def matmul_peak(dtype, seconds: float = 1.0) -> float:
+    """FLOP/s of a large square matmul at the current thread count (the best of a few)."""
+    a = torch.randn(1536, 1536, dtype=dtype)
+    b = torch.randn(1536, 1536, dtype=dtype)
+    a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * 1536**3 / (time.perf_counter() - t))
+    return best
+
+
 def step(model, ids, mode: str):
     if mode == "labels":
         loss = model(ids, labels=ids).loss
@@ -84,9 +97,9 @@ def main() -> None:
             times[f"{name}/{mode}"].append(time.perf_counter() - t)
             m.zero_grad(set_to_none=True)
     flops = train_flops_per_token(cfg, args.seq) * tokens
-    peak = {"float32": 180e9, "bfloat16": 830e9}[args.dtype]
+    peak = matmul_peak(dtype)
     res = {"preset": args.preset, "batch": args.batch, "seq": args.seq, "dtype": args.dtype,
-           "threads": torch.get_num_threads()}
+           "threads": torch.get_num_threads(), "matmul_peak_gflops": round(peak / 1e9, 1)}
     for name, ts in times.items():
         med = statistics.median(ts)
         res[name] = {"median_s": round(med, 4), "tokens_per_s": round(tokens / med, 1),

@@ -383,4 +383,10 @@ def test_fused_rmsnorm_and_row_gather_gradients():
     y = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: scatter_add_rows(v, index, 6), (y,))
     assert torch.equal(gather_rows(rows, index), rows[index])
+    from openk2.model.moe import _ScaledSwiGLU
+
+    gu = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
+    sc = torch.rand(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: _ScaledSwiGLU.apply(a, b), (gu, sc))
+    assert torch.autograd.gradcheck(lambda a: _ScaledSwiGLU.apply(a, None), (gu,))
     assert torch.allclose(scatter_add_rows(y, index, 6), torch.zeros(6, 4, dtype=torch.float64).index_add(0, index, y))

@@ -81,12 +81,53 @@ class _ScatterAddRows(torch.autograd.Function):
         return F.embedding(index, grad.contiguous()), None, None
 
 
+def scaled_swiglu(gu: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """silu(g) * u (* scale per row) for gu = [g | u]."""
+    if torch.is_grad_enabled() and (gu.requires_grad or (scale is not None and scale.requires_grad)):
+        return _ScaledSwiGLU.apply(gu, scale)
+    g, u = gu.chunk(2, dim=-1)
+    h = swiglu(g, u)
+    return h * scale[:, None].to(h.dtype) if scale is not None else h
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return _GatherRows.apply(x, index) if x.requires_grad and torch.is_grad_enabled() else F.embedding(index, x)
 
 
 def scatter_add_rows(y: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
     return _ScatterAddRows.apply(y, index, rows)
+
+
+class _ScaledSwiGLU(torch.autograd.Function):
+    """h = silu(g) * u * scale[:, None] with gu = [g | u] ([M, 2I]) and a fused backward.
+
+    The backward writes dL/dg and dL/du into one [M, 2I] buffer (no cat of two
+    gradients, which autograd's chunk backward does) and uses the fused SiLU
+    backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, gu, scale):
+        g, u = gu.chunk(2, dim=-1)
+        h = F.silu(g).mul_(u)
+        ctx.save_for_backward(gu, scale)
+        return h.mul_(scale[:, None].to(h.dtype)) if scale is not None else h
+
+    @staticmethod
+    def backward(ctx, dh):
+        gu, scale = ctx.saved_tensors
+        g, u = gu.chunk(2, dim=-1)
+        inter = g.shape[-1]
+        d_gu = torch.empty_like(gu)
+        a = F.silu(g)
+        d_scale = None
+        if scale is not None:
+            if ctx.needs_input_grad[1]:
+                d_scale = (dh * a).mul_(u).sum(-1).to(scale.dtype)
+            dh = dh * scale[:, None].to(dh.dtype)
+        torch.mul(dh, a, out=d_gu[:, inter:])
+        torch.ops.aten.silu_backward.grad_input(dh * u, g, grad_input=d_gu[:, :inter])
+        return d_gu, d_scale
 
 
 class Router(nn.Module):
@@ -152,13 +193,10 @@ class GroupedExperts(nn.Module):
         offsets = counts.cumsum(0).to(torch.int32)
         # one grouped matmul for gate and up (half the kernel launches of two)
         gu = grouped_matmul(x_sorted, torch.cat([self.gate_proj, self.up_proj], dim=1), counts, offsets)
-        g, u = gu.chunk(2, dim=-1)
-        if scale is not None:
-            u = u * scale[:, None].to(u.dtype)
         if self.recompute and torch.is_grad_enabled():
-            h = torch.utils.checkpoint.checkpoint(swiglu, g, u, use_reentrant=False)
+            h = torch.utils.checkpoint.checkpoint(scaled_swiglu, gu, scale, use_reentrant=False)
         else:
-            h = swiglu(g, u)
+            h = scaled_swiglu(gu, scale)
         return grouped_matmul(h, self.down_proj, counts, offsets)
 
 
