@@ -95,13 +95,14 @@ def _loss_only(h, weight, targets, ignore_index, chunk, dtype, reduction):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
-                         chunk_elems: int = 1 << 21) -> torch.Tensor:
+                         chunk_elems: int | None = None) -> torch.Tensor:
     """Cross-entropy of `hidden @ weight.T` against `targets`, chunked over rows.
 
     hidden [..., H], weight [V, H], targets [...] (same leading shape), entries
     equal to `ignore_index` are skipped. reduction "mean" (over non-ignored
     targets, as F.cross_entropy) or "sum" (no gradient: for evaluation).
-    `chunk_elems` bounds the fp32 logits held at once (rows x V).
+    `chunk_elems` bounds the fp32 logits held at once (rows x V); default 2M
+    on CPU (cache-sized: measured fastest there), 64M on GPUs (256 MB).
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -110,6 +111,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     if t.shape[0] != h.shape[0]:
         raise ValueError(f"linear_cross_entropy: {h.shape[0]} hidden rows but {t.shape[0]} targets")
     dtype = _compute_dtype(hidden)
+    if chunk_elems is None:
+        chunk_elems = 1 << 21 if hidden.device.type == "cpu" else 1 << 26
     chunk = _chunk_rows(weight.shape[0], h.shape[0], chunk_elems)
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if reduction == "sum" or not needs_grad:
