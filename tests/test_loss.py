@@ -28,7 +28,7 @@ def test_matches_cross_entropy_fp32(chunk_elems):
     x, w, t = _data()
     ref = F.cross_entropy(x @ w.T, t, ignore_index=-100)
     out = linear_cross_entropy(x, w, t, chunk_elems=chunk_elems)
-    assert abs(float(out) - float(ref)) < 1e-5
+    assert abs(out.item() - ref.item()) < 1e-5
     (rx, rw), (ox, ow) = _grads(ref, x, w), _grads(out * 3.0, x, w)  # upstream gradient scales the result
     assert torch.allclose(ox, 3 * rx, atol=1e-6, rtol=1e-4)
     assert torch.allclose(ow, 3 * rw, atol=1e-6, rtol=1e-4)
@@ -40,7 +40,7 @@ def test_ignored_rows_get_no_gradient_and_all_ignored_is_zero():
     assert float(gx[::5].abs().max()) == 0.0 and float(gx[1::5].abs().max()) > 0
     t_all = torch.full_like(t, -100)
     loss = linear_cross_entropy(x, w, t_all)
-    assert float(loss) == 0.0
+    assert loss.item() == 0.0
 
 
 def test_sum_and_no_grad_paths():
@@ -61,7 +61,7 @@ def test_bf16_autocast_close_to_fp32():
         out = linear_cross_entropy(x, w, t, chunk_elems=500 * 64)
     ox, ow = _grads(out, x, w)
     assert out.dtype == torch.float32 and ox.dtype == torch.float32 and ow.dtype == torch.float32
-    assert abs(float(out) - float(ref)) < 2e-2
+    assert abs(out.item() - ref.item()) < 2e-2
     assert float((ox - rx).norm() / rx.norm()) < 2e-2 and float((ow - rw).norm() / rw.norm()) < 2e-2
 
 
@@ -86,12 +86,12 @@ def test_model_loss_equals_cross_entropy_of_its_logits():
     plain = model(ids, labels=labels, return_logits=True)
     assert plain.logits.shape == (2, 40, 300)
     ref = F.cross_entropy(plain.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-    assert abs(float(fused.loss) - float(ref)) < 1e-5 and abs(float(plain.loss) - float(ref)) < 1e-6
+    assert abs(fused.loss.item() - ref.item()) < 1e-5 and abs(plain.loss.item() - ref.item()) < 1e-6
     g_ref = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     worst = max(float((a - b).abs().max() / (b.abs().max() + 1e-12))
                 for a, b in zip(g_fused, g_ref) if a is not None and b is not None)
     assert worst < 1e-3
     shifted = model(ids[:, :-1], shift_labels=labels[:, 1:]).loss  # same targets, given pre-shifted
-    assert abs(float(shifted) - float(ref)) < 1e-5
+    assert abs(shifted.item() - ref.item()) < 1e-5
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=labels[:, :-3])
