@@ -101,7 +101,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden [..., H], weight [V, H], targets [...] (same leading shape), entries
     equal to `ignore_index` are skipped. reduction "mean" (over non-ignored
     targets, as F.cross_entropy) or "sum" (no gradient: for evaluation).
-    `chunk_elems` bounds the fp32 logits held at once (rows x V); default 2M
+    A batch whose targets are all ignored gives 0 (F.cross_entropy: nan) and
+    zero gradients. `chunk_elems` bounds the fp32 logits held at once (rows x V); default 2M
     on CPU (cache-sized: measured fastest there), 64M on GPUs (256 MB).
     """
     if reduction not in ("mean", "sum"):
