@@ -65,16 +65,9 @@ def test_mean_curve_and_formatting():
 
 
 # ------------------------------------------------------------------ plumbing
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from openk2.data.dataset import build_dataset
-    from openk2.data.tokenizer import train_tokenizer
-
-    d = tmp_path_factory.mktemp("data")
-    tok, _ = train_tokenizer("tiny", 1024)
-    tok.save(d / "tokenizer")
-    build_dataset(d, tok, "tiny", progress=False)
-    return d
+@pytest.fixture
+def data_dir(tiny_data_dir):
+    return tiny_data_dir  # conftest's session corpus: tokenised once for the whole test session
 
 
 def _quick(name, data_dir, **changes):
