@@ -364,10 +364,10 @@ def test_cli_generate_bad_checkpoint_is_one_line(saved_nano):
     assert "config.json: invalid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_fused_rmsnorm_and_row_gather_gradients():
-    """The hand-written backward passes (RMSNorm, MoE row gather/scatter) equal autograd's, in float64."""
+def test_fused_rmsnorm_and_swiglu_gradients():
+    """The hand-written backward passes (RMSNorm, the experts' scaled SwiGLU) equal autograd's, in float64."""
     from openk2.model.layers import _RMSNormFn, rms_norm_reference
-    from openk2.model.moe import gather_rows, scatter_add_rows
+    from openk2.model.moe import _ScaledSwiGLU
 
     torch.manual_seed(0)
     x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
@@ -377,16 +377,8 @@ def test_fused_rmsnorm_and_row_gather_gradients():
     ref = torch.autograd.grad(rms_norm_reference(x, w, 1e-6), (x, w), g)
     got = torch.autograd.grad(_RMSNormFn.apply(x, w, 1e-6), (x, w), g)
     assert max(float((a - b).abs().max()) for a, b in zip(ref, got)) < 1e-12
-    rows = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
-    index = torch.tensor([5, 0, 0, 3, 1, 5, 2, 4, 4])
-    assert torch.autograd.gradcheck(lambda r: gather_rows(r, index), (rows,))
-    y = torch.randn(9, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda v: scatter_add_rows(v, index, 6), (y,))
-    assert torch.equal(gather_rows(rows, index), rows[index])
-    from openk2.model.moe import _ScaledSwiGLU
 
     gu = torch.randn(7, 10, dtype=torch.float64, requires_grad=True)
     sc = torch.rand(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: _ScaledSwiGLU.apply(a, b), (gu, sc))
     assert torch.autograd.gradcheck(lambda a: _ScaledSwiGLU.apply(a, None), (gu,))
-    assert torch.allclose(scatter_add_rows(y, index, 6), torch.zeros(6, 4, dtype=torch.float64).index_add(0, index, y))

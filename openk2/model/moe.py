@@ -51,36 +51,6 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, offse
     return torch.cat(outs) if outs else x.new_zeros(0, w.shape[1])
 
 
-class _GatherRows(torch.autograd.Function):
-    """x[index] for 2-D x. Forward through the embedding kernel (measured 2.7x faster than index_select on
-    CPU for [2048, 256] -> [16384, 256]), backward an index_add (the fastest scatter there)."""
-
-    @staticmethod
-    def forward(ctx, x, index):
-        ctx.save_for_backward(index)
-        ctx.rows = x.shape[0]
-        return F.embedding(index, x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, index, grad), None
-
-
-class _ScatterAddRows(torch.autograd.Function):
-    """out[n] = sum of y[m] over index[m] == n (out has `rows` rows); the transpose of _GatherRows."""
-
-    @staticmethod
-    def forward(ctx, y, index, rows):
-        ctx.save_for_backward(index)
-        return y.new_zeros(rows, y.shape[1]).index_add_(0, index, y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        return F.embedding(index, grad.contiguous()), None, None
-
-
 def scaled_swiglu(gu: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """silu(g) * u (* scale per row) for gu = [g | u]."""
     if torch.is_grad_enabled() and (gu.requires_grad or (scale is not None and scale.requires_grad)):
@@ -88,14 +58,6 @@ def scaled_swiglu(gu: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     g, u = gu.chunk(2, dim=-1)
     h = swiglu(g, u)
     return h * scale[:, None].to(h.dtype) if scale is not None else h
-
-
-def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return _GatherRows.apply(x, index) if x.requires_grad and torch.is_grad_enabled() else F.embedding(index, x)
-
-
-def scatter_add_rows(y: torch.Tensor, index: torch.Tensor, rows: int) -> torch.Tensor:
-    return _ScatterAddRows.apply(y, index, rows)
 
 
 class _ScaledSwiGLU(torch.autograd.Function):
@@ -228,13 +190,13 @@ class MoE(nn.Module):
             self.tokens_per_expert += counts
         order = flat.argsort(stable=True)
         token = order // self.top_k
-        x_sorted = gather_rows(x, token)
+        x_sorted = x.index_select(0, token)  # (backward: index_add, ~3x faster than x[token]'s index_put)
         scale = weights.reshape(-1)[order]  # each (token, expert) row's routing weight, applied inside the experts
         if self.dispatcher is not None:
             y_sorted = self.dispatcher(self.experts, x_sorted, counts, scale)
         else:
             y_sorted = self.experts(x_sorted, counts, scale)
-        y = scatter_add_rows(y_sorted.to(x.dtype), token, x.shape[0])
+        y = torch.zeros_like(x).index_add_(0, token, y_sorted.to(x.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
