@@ -57,7 +57,7 @@ class _RMSNormFn(torch.autograd.Function):
             wdy = (dy * weight).to(ct)
             xh = xhat.to(ct)
             c = (wdy * xh).mean(-1, keepdim=True)
-            dx = wdy.sub_(xh.mul_(c) if xh is not xhat else xh * c).mul_(r).to(ctx.x_dtype)
+            dx = wdy.sub_(xh * c).mul_(r).to(ctx.x_dtype)
         return dx, dw, None
 
 

@@ -38,7 +38,7 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index, chunk, dtype):
-        n, v = h.shape[0], weight.shape[0]
+        n = h.shape[0]
         w = weight.to(dtype)
         x = h.to(dtype)
         valid = targets != ignore_index
