@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "serve"))
 from serve_helpers import tiny_tokenizer  # noqa: E402
 
 from openk2.data import special_tokens as st  # noqa: E402
-from openk2.serve.chat_format import (  # noqa: E402
+from openk2.chat import (  # noqa: E402
     GENERATION_PROMPT,
     encode_conversation,
     parse_tool_calls,

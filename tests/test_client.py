@@ -15,13 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "serve"))
 
 from serve_helpers import LoopbackServer, recorded, scripted_app  # noqa: E402
 
-from openk2.serve.client import (  # noqa: E402
-    LLMRequestError,
-    OpenAICompatClient,
-    StructuredOutputError,
-    cache_key,
-    retry_after_seconds,
-)
+from openk2.llm import LLMRequestError, OpenAICompatClient, StructuredOutputError  # noqa: E402
+from openk2.llm.cache import cache_key  # noqa: E402
 
 HELLO = [{"role": "user", "content": "What is the capital of France?"}]
 PERSON = {
@@ -42,7 +37,6 @@ def serve(script):
 
 
 def client(url, **kw):
-    kw.setdefault("backoff_base", 0.01)
     return OpenAICompatClient(url, api_key="sk-test", model="k2-tiny", **kw)
 
 
@@ -74,37 +68,36 @@ def test_tool_calls_pass_through():
 def test_retry_after_seconds_is_honoured():
     limited = {"status": 429, "body": recorded("error_rate_limit"), "headers": {"Retry-After": "1"}}
     app, srv = serve([limited, ok()])
-    with srv, client(srv.url, backoff_base=0.0) as c:
+    with srv, client(srv.url) as c:
         r = c.chat(HELLO)
     assert r.content.startswith("Paris")
     t = app.state.times
-    assert len(t) == 2 and t[1] - t[0] >= 0.95  # waited the server's second, not the (zero) backoff
+    assert len(t) == 2 and t[1] - t[0] >= 0.95  # waited the server's second, not the SDK's 0.5 s backoff
     assert c.totals.retries == 1
 
 
-def test_retry_after_ms_and_http_date():
-    assert retry_after_seconds({"retry-after-ms": "250"}) == 0.25
-    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:05 GMT"}, now=1445412480.0) == pytest.approx(5.0)
-    assert retry_after_seconds({"retry-after": "soon"}) is None
+def test_retry_after_ms_is_honoured():
     limited = {"status": 503, "body": {"error": "overloaded"}, "headers": {"retry-after-ms": "300"}}
     app, srv = serve([limited, limited, ok()])
     with srv, client(srv.url) as c:
         c.chat(HELLO)
     t = app.state.times
-    assert len(t) == 3 and t[1] - t[0] >= 0.28 and t[2] - t[1] >= 0.28
+    assert len(t) == 3 and 0.28 <= t[1] - t[0] < 0.37 and 0.28 <= t[2] - t[1]  # 0.3 s, not the SDK's 0.375-0.5 s backoff
+    assert c.totals.retries == 2
 
 
 def test_server_errors_back_off_exponentially_then_give_up():
     app, srv = serve([{"status": 500, "body_text": "boom"}])
-    with srv, client(srv.url, max_retries=3, backoff_base=0.05) as c:
-        with pytest.raises(LLMRequestError, match="gave up after 4 tries: HTTP 500: boom"):
+    with srv, client(srv.url, max_retries=2) as c:
+        with pytest.raises(LLMRequestError, match="gave up after 3 tries: HTTP 500: boom"):
             c.chat(HELLO)
     gaps = [b - a for a, b in zip(app.state.times, app.state.times[1:])]
-    assert len(app.state.requests) == 4
-    # jittered delays in [0.5, 1] * 0.05 * 2^k
+    assert len(app.state.requests) == 3
+    # the SDK's backoff: 0.5 s * 2^k, minus up to 25% jitter
     for k, g in enumerate(gaps):
-        assert 0.5 * 0.05 * 2**k - 0.01 <= g <= 0.05 * 2**k + 1.0  # generous upper bound: a busy machine
-    assert c.totals.failures == 1 and c.totals.retries == 3 and c.totals.requests == 0
+        assert 0.75 * 0.5 * 2**k - 0.01 <= g <= 0.5 * 2**k + 1.0  # generous upper bound: a busy machine
+    assert [int(q["headers"]["x-stainless-retry-count"]) for q in app.state.requests] == [0, 1, 2]
+    assert c.totals.failures == 1 and c.totals.retries == 2 and c.totals.requests == 0
 
 
 def test_client_errors_are_not_retried():
@@ -113,6 +106,7 @@ def test_client_errors_are_not_retried():
         with pytest.raises(LLMRequestError, match="HTTP 400: max_tokens must be at most 4096") as e:
             c.chat(HELLO, max_tokens=100000)
     assert e.value.status == 400 and len(app.state.requests) == 1
+    assert c.totals.failures == 1 and c.totals.retries == 0
 
 
 def test_timeout_is_retried():

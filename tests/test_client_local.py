@@ -18,7 +18,7 @@ from serve_helpers import (  # noqa: E402
 )
 
 from openk2.serve.constrained import SchemaGrammar  # noqa: E402
-from openk2.serve.local import LocalClient  # noqa: E402
+from openk2.llm.local import LocalClient  # noqa: E402
 
 PERSON = {
     "type": "object",

