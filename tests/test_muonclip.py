@@ -258,12 +258,13 @@ def _mla_rows(attn, h):
     return slice(h * d, (h + 1) * d), slice(h * kv, (h + 1) * kv)
 
 
-@pytest.mark.parametrize("q_lora_rank", [32, None])
-def test_qk_clip_mla(q_lora_rank):
+@pytest.mark.parametrize("q_lora_rank,alpha", [(32, 0.5), (None, 0.5), (32, 0.3)])
+def test_qk_clip_mla(q_lora_rank, alpha):
+    """q^C * gamma^alpha, k^C * gamma^(1 - alpha), q^R * gamma, k^R and v untouched (by hand, per head)."""
     torch.manual_seed(0)
     model = build_model(tiny_k2(q_lora_rank=q_lora_rank))
     x = torch.randint(0, 128, (2, 24))
-    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0)
+    opt = MuonClip.for_model(model, lr=0.0, weight_decay=0.0, qk_clip_alpha=alpha)
     seen, hooks = _capture_attention_inputs(model)
     model(x, labels=x).loss.backward()
     S = model.max_logits().clone()
@@ -295,9 +296,9 @@ def test_qk_clip_mla(q_lora_rank):
                 continue
             g = tau / float(S[i, h])
             nope = attn.qk_nope_head_dim
-            assert torch.allclose(q1[:nope], q0[:nope] * math.sqrt(g), rtol=1e-6, atol=0)  # q^C
+            assert torch.allclose(q1[:nope], q0[:nope] * g ** alpha, rtol=1e-6, atol=0)  # q^C
             assert torch.allclose(q1[nope:], q0[nope:] * g, rtol=1e-6, atol=0)  # q^R
-            assert torch.allclose(k1[:nope], k0[:nope] * math.sqrt(g), rtol=1e-6, atol=0)  # k^C
+            assert torch.allclose(k1[:nope], k0[:nope] * g ** (1 - alpha), rtol=1e-6, atol=0)  # k^C
             assert torch.equal(k1[nope:], k0[nope:])  # v
     assert opt.clip_stats["heads_ever_clipped"] == int(clipped.sum())
 
@@ -387,7 +388,7 @@ def _llama(num_heads, num_kv_heads, impl):
                                    num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                                    max_position_embeddings=64, attention_bias=True)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).train()  # dropout 0: training-mode forwards are deterministic
     model.set_attn_implementation(impl)
     for lin in (model.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.k_proj):
         nn.init.normal_(lin.bias, std=0.5)
@@ -486,6 +487,20 @@ def test_qk_clip_mha_llama_splits_gamma():
             assert float(S2[h]) <= tau * (1 + 1e-3)
         else:
             assert torch.equal(attn.q_proj.weight[rows], q0[rows]) and torch.equal(attn.k_proj.weight[rows], k0[rows])
+
+
+def test_eval_forwards_do_not_feed_the_clip():
+    """Validation / generation between steps (eval mode) must not change which heads get clipped."""
+    x = torch.randint(0, 96, (2, 20))
+    for model in (_llama(4, 2, "sdpa"), build_model(tiny_k2(vocab_size=96))):
+        clip = QKClip.from_model(model, tau=1e9)
+        model.eval()
+        with torch.no_grad():
+            model(x)
+        assert bool(torch.isneginf(clip.max_logits()).all()), type(model).__name__
+        model.train()
+        model(x)
+        assert bool(torch.isfinite(clip.max_logits()).all()), type(model).__name__
 
 
 def test_qk_norm_models_are_refused():

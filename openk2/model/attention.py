@@ -11,13 +11,14 @@ vector shared by all heads). Two forms of the same function:
   W^UK into the query and W^UV into the output, so keys/values are never
   materialised. For K2: 512 + 64 = 576 cached values per token per layer.
 
-QK-Clip needs S_max^h = max over the batch and causal pairs (i, j) of
-q_i^h . k_j^h * softmax_scale. With `track_max_logit = True` the naive path
-keeps fused SDPA for the output and forms Q K^T once more without autograd,
-batch-chunk by batch-chunk (`openk2.optim.qk_clip.max_logit`), for the max:
-one extra forward QK^T matmul per layer (about 1/9 of the attention core's
-forward+backward FLOPs), no stored activations. The running max lives in
-`max_logit` until `reset_max_logit()`.
+QK-Clip (K2 report, Algorithm 1) needs S_max^h = max over the batch and
+causal pairs (i, j) of q_i^h . k_j^h * softmax_scale. With
+`track_max_logit = True` training-mode forwards keep fused SDPA for the output
+and form Q K^T once more without autograd, in tiles of bounded memory
+(`openk2.model.max_logit`), for the max: one extra forward QK^T matmul per
+layer (about 1/9 of the attention core's forward+backward FLOPs), no stored
+activations. Evaluation forwards never record it. The running max lives in
+`max_logit` until `reset_max_logit()`; the optimizer only reads it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 
 from openk2.model.config import K2Config
 from openk2.model.layers import RMSNorm, apply_rope
+from openk2.model.max_logit import max_logit
 
 
 class MLACache:
@@ -139,8 +141,6 @@ class MLAttention(nn.Module):
         else:
             out = self._sdpa(q, k, v)
             if self.track_max_logit and self.training:  # eval forwards must not feed the next clip
-                from openk2.optim.qk_clip import max_logit
-
                 torch.maximum(self.max_logit, max_logit(q.detach(), k.detach(), self.softmax_scale), out=self.max_logit)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))
 

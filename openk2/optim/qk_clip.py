@@ -7,8 +7,9 @@ After each optimizer step, for every attention head h with
 gamma_h = tau / S_max^h, and the weights that make head h's logits shrink so
 that the same batch would give logits scaled by exactly gamma_h:
 
-* MLA (K2, DeepSeek-V3): q^C and k^C rows of head h times sqrt(gamma_h), q^R
-  rows times gamma_h; the rotary key k^R is shared by all heads and never touched.
+* MLA (K2, DeepSeek-V3): q^C rows of head h times gamma_h^alpha, k^C rows times
+  gamma_h^(1 - alpha) (sqrt(gamma_h) each at the report's alpha = 0.5), q^R rows
+  times gamma_h; the rotary key k^R is shared by all heads and never touched.
 * MHA / GQA (Llama, Qwen2, Mistral): query rows times gamma_h / kappa_g and the
   rows of the head's key head g times kappa_g, where kappa_g =
   (max_{h in g} gamma_h)^(1 - alpha) when every query head of g exceeded tau,
@@ -32,6 +33,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from openk2.model.max_logit import max_logit  # the statistic belongs to the model; QK-Clip reads it
+
+__all__ = ["AttentionHeads", "GQAHeads", "MLAHeads", "QKClip", "find_attention_heads", "max_logit"]
 
 # ---------------------------------------------------------------- statistic
 _HF_ATTENTION = "openk2_max_logit"
@@ -80,50 +85,13 @@ class _HFMaxLogit:
         torch.maximum(self.value, m, out=self.value)
 
 
-@torch.no_grad()
-def max_logit(query: torch.Tensor, key: torch.Tensor, scale: float, causal: bool = True,
-              mask: torch.Tensor | None = None, chunk_bytes: int = 64 << 20) -> torch.Tensor:
-    """S_max per query head: max over batch and allowed (i, j) of query_i . key_j * scale, fp32 [H].
-
-    query [B, H, T, D], key [B, KV, S, D] (query head h reads key head h // (H / KV), as repeat_kv
-    does). `mask`: None (causal or full), bool (True = attend) or additive float, broadcastable to
-    [B, H, T, S]. The logits are formed batch-chunk by batch-chunk without autograd, so a model can
-    keep its fused attention kernel for the output and pay one Q K^T for the statistic.
-    """
-    B, H, T, D = query.shape
-    KV, S = key.shape[1], key.shape[2]
-    out = torch.full((H,), float("-inf"), dtype=torch.float32, device=query.device)
-    keep = None
-    if mask is None and causal and T > 1:
-        keep = torch.ones(T, S, dtype=torch.bool, device=query.device).tril(S - T)
-    step = max(1, chunk_bytes // max(1, H * T * S * 4))
-    for b in range(0, B, step):
-        # fp32 matmul: exact enough for a max, and faster than bf16 on CPUs without AMX
-        q = query[b:b + step].float() * scale
-        k = key[b:b + step].float()
-        n = q.shape[0]
-        # [n, KV, H/KV, T, D] @ [n, KV, 1, D, S] -> [n, H, T, S]
-        logits = (q.reshape(n, KV, H // KV, T, D) @ k[:, :, None].transpose(-1, -2)).reshape(n, H, T, S)
-        if keep is not None:
-            logits.masked_fill_(~keep, float("-inf"))
-        elif mask is not None:
-            mb = mask[b:b + step] if mask.shape[0] > 1 else mask
-            mb = mb[..., :S]
-            if mb.dtype == torch.bool:
-                logits.masked_fill_(~mb, float("-inf"))
-            else:
-                logits += mb.float()
-        torch.maximum(out, logits.amax(dim=(0, 2, 3)), out=out)
-    return out
-
-
 def _attention_with_max_logit(module, query, key, value, attention_mask, **kwargs):
     rec = _HF_RECORDERS.get(module)
     if rec is None:  # a module of the same model that QK-Clip does not watch
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    if rec.enabled:
+    if rec.enabled and module.training:  # validation / generation between steps must not feed the clip
         is_causal = kwargs.get("is_causal")
         rec.observe(module, query, key, attention_mask, kwargs.get("scaling"),
                     getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -222,10 +190,12 @@ class MLAHeads(AttentionHeads):
                              f"(H={H}, nope={self.nope}, rope={self.rope}, v={self.v})")
 
     def row_scales(self, gamma, alpha):
+        # q^C * gamma^alpha and k^C * gamma^(1 - alpha): their product scales the nope logits by gamma;
+        # q^R * gamma alone, since k^R is shared by every head. alpha = 0.5 is the report's sqrt split.
         H, g = self.num_heads, gamma.float()
-        sg = g.sqrt()[:, None]
-        q = torch.cat([sg.expand(H, self.nope), g[:, None].expand(H, self.rope)], dim=1).reshape(-1)
-        kv = torch.cat([sg.expand(H, self.nope), torch.ones(H, self.v, device=g.device)], dim=1).reshape(-1)
+        qc, kc = (g ** alpha)[:, None], (g ** (1.0 - alpha))[:, None]
+        q = torch.cat([qc.expand(H, self.nope), g[:, None].expand(H, self.rope)], dim=1).reshape(-1)
+        kv = torch.cat([kc.expand(H, self.nope), torch.ones(H, self.v, device=g.device)], dim=1).reshape(-1)
         return _linear_rows(self.q_lin, q) + _linear_rows(self.kv_b, kv)
 
 
