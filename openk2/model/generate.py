@@ -5,21 +5,7 @@ from __future__ import annotations
 import torch
 
 from openk2.model.attention import MLACache
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. temperature 0 is greedy."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, sorted_idx = probs.sort(-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from openk2.model.sampling import sample_next  # noqa: F401  (re-exported: model.generate.sample_next)
 
 
 @torch.no_grad()

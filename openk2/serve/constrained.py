@@ -38,6 +38,8 @@ from typing import Any, Sequence
 
 import torch
 
+from openk2.model.sampling import sampling_probs
+
 INF = 1 << 30
 MAX_DIGITS = 15
 MAX_EXP_DIGITS = 3
@@ -420,7 +422,7 @@ class TokenConstraint:
                 if self.allows(tok):
                     return tok
             return int(torch.where(self.mask(), logits, torch.tensor(float("-inf"))).argmax())
-        probs = _nucleus(torch.softmax(logits / temperature, -1), top_p)
+        probs = sampling_probs(logits, temperature, top_p)
         for _ in range(tries):
             tok = int(torch.multinomial(probs, 1, generator=generator))
             if self.allows(tok):
@@ -429,15 +431,7 @@ class TokenConstraint:
             if float(probs.sum()) <= 0:
                 break
         allowed = self.mask()
-        probs = torch.softmax(logits / temperature, -1) * allowed
+        probs = sampling_probs(logits, temperature) * allowed  # the full mask: no nucleus cut
         if float(probs.sum()) <= 0:  # the model puts no mass on any allowed token
             probs = allowed.float()
         return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def _nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    if top_p >= 1.0:
-        return probs.clone()
-    sp, si = probs.sort(descending=True)
-    drop = sp.cumsum(-1) - sp >= top_p
-    return torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))

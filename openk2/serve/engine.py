@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from openk2.errors import OpenK2Error
+from openk2.model.sampling import sample_next
 
 
 class EngineClosed(OpenK2Error):
@@ -61,17 +62,6 @@ class GenRequest:
     def wait(self, timeout: float | None = None) -> "GenRequest":
         self.done.wait(timeout)
         return self
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix reaching top_p
-        probs = torch.zeros_like(probs).scatter_(-1, si, sp.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _finish(req: GenRequest, reason: str) -> None:
@@ -156,7 +146,7 @@ class DecodeBatch:
             tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator)
             r._constraint.accept(tok)
             return tok
-        return _sample(logits, p.temperature, p.top_p, r._generator)
+        return int(sample_next(logits, p.temperature, p.top_p, r._generator))
 
     def step(self) -> None:
         tokens, keep = [], []
