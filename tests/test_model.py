@@ -194,6 +194,22 @@ def test_router_bias_only_chooses_and_weights_are_scaled():
     assert torch.allclose(w1, chosen / chosen.sum(-1, keepdim=True) * cfg.routed_scaling_factor, atol=1e-6)
 
 
+def test_router_runs_in_fp32_under_autocast():
+    """Under bf16 autocast (the GPU default) the router's logits, scores and weights stay fp32."""
+    cfg = get_preset("k2-nano").replace(n_routed_experts=16, num_experts_per_tok=4)
+    r = Router(cfg)
+    torch.nn.init.normal_(r.weight, std=0.5)
+    x = torch.randn(64, cfg.hidden_size)
+    w_ref, i_ref = r(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        w, i = r(x.bfloat16().float())
+        w16, i16 = r(x)
+    assert w.dtype == torch.float32 and w16.dtype == torch.float32
+    assert torch.equal(i16, i_ref) and torch.allclose(w16, w_ref, rtol=1e-6, atol=1e-7)
+    w_ref16, i_ref16 = r(x.bfloat16().float())
+    assert torch.equal(i, i_ref16) and torch.allclose(w, w_ref16, rtol=1e-6, atol=1e-7)
+
+
 def test_bias_update_moves_towards_balance():
     cfg = get_preset("k2-nano")
     model = build_model(cfg).train()

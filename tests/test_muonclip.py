@@ -232,6 +232,46 @@ def test_adamw_part_matches_torch_adamw():
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_adamw_step_counters_live_where_the_fused_kernel_reads_them(monkeypatch):
+    """torch's fused AdamW keeps `step` on the parameter's device; so must MuonClip (meta stands in for a GPU)."""
+    import openk2.optim.muonclip as mc
+
+    seen = []
+
+    def fake_fused(params, grads, exp_avgs, exp_avg_sqs, max_sqs, steps, **kw):
+        seen.append([(s.device, p.device) for p, s in zip(params, steps)])
+
+    monkeypatch.setattr(mc, "_FUSED_DEVICES", getattr(mc, "_FUSED_DEVICES", ("cpu", "cuda")) + ("meta",), raising=False)
+    monkeypatch.setattr(torch, "_fused_adamw_", fake_fused)
+    for device in ("meta", "cpu"):
+        ps = [nn.Parameter(torch.zeros(s, device=device)) for s in [(5,), (3, 1)]]
+        opt = MuonClip([{"params": ps, "use_muon": False}])
+        for p in ps:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        for p in ps:
+            assert opt.state[p]["step"].device == p.device and opt.state[p]["step"].dtype == torch.float32
+        assert seen[-1] == [(p.device, p.device) for p in ps]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_adamw_on_cuda_matches_torch_fused_adamw():
+    torch.manual_seed(0)
+    ours = [nn.Parameter(torch.randn(s, device="cuda")) for s in [(50,), (7, 3)]]
+    theirs = [nn.Parameter(p.detach().clone()) for p in ours]
+    opt = MuonClip([{"params": ours, "use_muon": False}], lr=1e-2)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        assert opt.state[a]["step"].device == a.device
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 # -------------------------------------------------------------------- QK-Clip
 def _capture_attention_inputs(model):
     """Record each attention layer's inputs (x, cos, sin) so it can be re-run on exactly the same batch."""

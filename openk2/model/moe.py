@@ -1,6 +1,6 @@
 """Ultra-sparse MoE: the noaux_tc sigmoid router, grouped experts, a shared expert.
 
-Router (DeepSeek-V3, K2): s = sigmoid(x W_r^T); the per-expert bias b (not
+Router (DeepSeek-V3, K2): s = sigmoid(x W_r^T), in fp32 even under autocast; the per-expert bias b (not
 trained by gradient: the auxiliary-loss-free balancer moves it) is added only
 to *choose* the top-k experts; the chosen experts' un-biased scores are
 normalised to sum to 1 and multiplied by `routed_scaling_factor`.
@@ -13,6 +13,8 @@ the checkpoint boundary.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +94,12 @@ class _ScaledSwiGLU(torch.autograd.Function):
         return d_gu, d_scale
 
 
+def _no_autocast(device_type: str):
+    if device_type in ("cpu", "cuda", "xpu", "mps", "hpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class Router(nn.Module):
     """The noaux_tc top-k router with optional group-limited routing."""
 
@@ -116,7 +124,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (weights [N, k] fp32, expert indices [N, k])."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        with _no_autocast(x.device.type):  # fp32 logits: autocast would cast F.linear back to bf16
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             N = choice.shape[0]

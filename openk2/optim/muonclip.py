@@ -77,6 +77,23 @@ def param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]
     return groups
 
 
+def _fused_adamw_devices() -> tuple[str, ...]:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch
+        return ("cpu", "cuda")
+
+
+# device types whose parameters take torch._fused_adamw_ (as torch.optim.AdamW(fused=True) decides)
+_FUSED_DEVICES = _fused_adamw_devices()
+
+
+def _fused_adamw_for(t: torch.Tensor) -> bool:
+    return getattr(torch, "_fused_adamw_", None) is not None and t.device.type in _FUSED_DEVICES
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
@@ -393,11 +410,16 @@ class MuonClip(Optimizer):
                 g = self._grad(p)
                 state = self.state[p]
                 target = self._target(p, state)
+                t = _local(target)
                 if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
+                    # the fused kernel reads the step counter on the parameter's device (as torch's fused
+                    # AdamW keeps it); the foreach fallback reads it on the host
+                    state["step"] = torch.zeros((), dtype=torch.float32,
+                                                device=t.device if _fused_adamw_for(t) else "cpu")
                     state["exp_avg"] = torch.zeros_like(target, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(target, memory_format=torch.preserve_format)
-                t = _local(target)
+                elif _fused_adamw_for(t) and state["step"].device != t.device:  # e.g. loaded onto the CPU
+                    state["step"] = state["step"].to(device=t.device, dtype=torch.float32)
                 gl = _local(g)
                 targets.append(t)
                 grads.append(gl if gl.dtype == t.dtype else gl.to(t.dtype))
@@ -444,8 +466,8 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, betas, eps, weigh
     beta1, beta2 = betas
     torch._foreach_add_(steps, 1.0)
     fused = getattr(torch, "_fused_adamw_", None)
-    same_kind = len({(t.dtype, t.device) for t in params}) == 1
-    if fused is not None and params[0].device.type in ("cpu", "cuda") and same_kind:
+    same_kind = len({(t.dtype, t.device) for t in params}) == 1 and all(s.device == params[0].device for s in steps)
+    if fused is not None and _fused_adamw_for(params[0]) and same_kind:
         fused(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
               weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
         return
