@@ -42,10 +42,11 @@ def _scale_up(model, std=0.08, seed=0):
                 b.copy_(0.05 * torch.randn(b.shape, generator=g))
 
 
-@pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
+@pytest.fixture(scope="module", params=[True, False], ids=["rope_interleave", "rope_half_split"])
+def hf_pair(tmp_path_factory, request):
     torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(_hf_config()).eval()
+    hf = transformers.DeepseekV3ForCausalLM(_hf_config(rope_interleave=request.param)).eval()
+    assert hf.config.rope_interleave is request.param
     _scale_up(hf)
     d = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(d)
@@ -74,7 +75,7 @@ def test_openk2_to_hf_logits_match(hf_pair, tmp_path):
 
 
 def test_hf_per_expert_names_and_config_roundtrip(hf_pair, tmp_path):
-    _, d = hf_pair
+    hf, d = hf_pair
     ours = openk2.from_pretrained(d)
     ours.save_pretrained(tmp_path / "x")
     from safetensors import safe_open
@@ -84,6 +85,7 @@ def test_hf_per_expert_names_and_config_roundtrip(hf_pair, tmp_path):
     assert "model.layers.1.mlp.experts.15.gate_proj.weight" in keys
     assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
     cfg = K2Config.from_json_file(tmp_path / "x")
+    assert cfg.rope_interleave is hf.config.rope_interleave
     assert cfg.n_group == 4 and cfg.topk_group == 2 and cfg.rope_scaling["factor"] == 4.0
     assert cfg.rope_theta == 10000.0
 

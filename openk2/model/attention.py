@@ -63,6 +63,7 @@ class MLAttention(nn.Module):
         self.qk_head_dim = config.qk_head_dim
         self.v_head_dim = config.v_head_dim
         self.softmax_scale = config.softmax_scale
+        self.rope_interleave = bool(config.rope_interleave)
         H, bias = self.num_heads, config.attention_bias
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, H * self.qk_head_dim, bias=False)
@@ -100,8 +101,8 @@ class MLAttention(nn.Module):
         kv = self.kv_a_proj_with_mqa(x)
         latent, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rope = apply_rope(q_rope, cos, sin)
-        k_rope = apply_rope(k_rope, cos, sin)
+        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
         return q_nope, q_rope, latent, k_rope
 
     def _expand(self, latent: torch.Tensor, q_nope, q_rope, k_rope):

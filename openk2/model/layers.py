@@ -1,4 +1,4 @@
-"""Small building blocks: RMSNorm, SwiGLU FFN, rotary embeddings with YaRN."""
+"""Small building blocks: RMSNorm, SwiGLU FFN, rotary embeddings with YaRN (interleaved or half-split pairs)."""
 
 from __future__ import annotations
 
@@ -142,20 +142,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device) if device else inv_freq, persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin of shape [B, T, rope_dim/2] (fp32) for the interleaved pair rotation."""
+        """cos, sin of shape [B, T, rope_dim/2] (fp32): one angle per rotated pair (`apply_rope`)."""
         freqs = position_ids.float()[..., None] * self.inv_freq.float()
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool = True) -> torch.Tensor:
+    """Rotate pairs of the last dim by the per-pair angles; x: [B, T, (H,) D], cos/sin: [B, T, D/2].
 
-    DeepSeek checkpoints store rotary dims interleaved. Like transformers, the
-    output is de-interleaved ([rotated evens, rotated odds]); q and k get the
-    same permutation, so q.k is unchanged. x: [B, T, (H,) D]; cos/sin: [B, T, D/2].
+    interleave=True (DeepSeek-V3 / Kimi-K2 checkpoints, config `rope_interleave: true`): the pairs are
+    (x0, x1), (x2, x3), ...; like transformers, the output is de-interleaved ([rotated evens, rotated
+    odds]); q and k get the same permutation, so q.k is unchanged. interleave=False (`rope_interleave:
+    false`): the pairs are (x_i, x_{i + D/2}), transformers' rotate_half layout, and the output keeps it.
     """
     if x.dim() == 4:
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    if interleave:
+        x1, x2 = x[..., 0::2].float(), x[..., 1::2].float()
+    else:
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half].float(), x[..., half:].float()
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
     return out.to(x.dtype)
