@@ -1,9 +1,9 @@
 """Pre-training data: corpus, tokenizer, tokenised shards, packed batches.
 
     from openk2.data.tokenizer import load_tokenizer, train_tokenizer, train_bpe, load_tiktoken
-    from openk2.data.corpus import CorpusConfig, CORPUS_PRESETS, collect
+    from openk2.data.corpus import CorpusConfig, CORPUS_PRESETS, DEFAULT_MIXTURE, collect
     from openk2.data.dataset import build_dataset, load_index, unigram_baseline
-    from openk2.data.packing import PackedDataset, DEFAULT_MIXTURE
+    from openk2.data.packing import PackedDataset
 
 Submodules are imported on first use (`openk2.data.PackedDataset` works too),
 so `import openk2.data` stays cheap.
@@ -29,7 +29,7 @@ _EXPORTS = {
     "unigram_baseline_by_domain": "dataset",
     "DEFAULT_DATA_DIR": "dataset",
     "PackedDataset": "packing",
-    "DEFAULT_MIXTURE": "packing",
+    "DEFAULT_MIXTURE": "corpus",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -78,7 +78,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     from openk2.data.dataset import load_index, unigram_baseline, unigram_baseline_by_domain
-    from openk2.data.packing import DEFAULT_MIXTURE
+    from openk2.data.corpus import DEFAULT_MIXTURE
 
     index = load_index(args.out)
     _print_table(index)

@@ -33,6 +33,9 @@ from pathlib import Path
 from openk2.errors import DataError
 
 DOMAINS = ("text", "code", "math")
+# K2 mixes web text, code, mathematics and knowledge (report §2.2); this corpus
+# has three domains. The tokenizer's training sample and the packed batches use it.
+DEFAULT_MIXTURE: dict[str, float] = {"text": 0.5, "code": 0.3, "math": 0.2}
 
 # Problems per reasoning-gym generator in the default corpus (see docs/data.md).
 DEFAULT_MATH_PROBLEMS: dict[str, int] = {

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from openk2.data.corpus import CorpusConfig, Document, collect, resolve_config, uses_evals
-from openk2.data.progress import progress_bar
 from openk2.data.tokenizer import Tokenizer, load_tokenizer
 from openk2.errors import DataError
+from openk2.utils.files import atomic_open, atomic_write
+from openk2.utils.progress import progress_bar
 
 FORMAT = "openk2-packed-corpus/1"
 DEFAULT_DATA_DIR = "runs/data"
@@ -202,8 +203,7 @@ def _write_shard(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: 
     cols: dict[str, list] = {"source": [], "id": [], "offset": [], "length": []}
     offset = 0
     nbytes = 0
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
+    with atomic_open(path, "wb") as fh:
         for start in range(0, len(docs), _ENCODE_BATCH):
             batch = docs[start : start + _ENCODE_BATCH]
             encoded = tokenizer.encode_batch([d.text for d in batch])
@@ -221,7 +221,6 @@ def _write_shard(path: Path, docs: list[Document], tokenizer: Tokenizer, dtype: 
                 offset += len(ids) + 1
                 nbytes += len(doc.text.encode("utf-8"))
             advance(sum(len(d.text) for d in batch))
-    os.replace(tmp, path)
     return {"tokens": offset, "bytes": nbytes, "sources": sources, "docs": cols}
 
 
@@ -279,9 +278,7 @@ def build_dataset(
         "build_seconds": round(time.perf_counter() - t0, 2),
         "shards": shards_meta,
     }
-    tmp = out / (INDEX_JSON + ".tmp")
-    tmp.write_text(json.dumps(index, ensure_ascii=False, separators=(",", ":")) + "\n", encoding="utf-8")
-    os.replace(tmp, out / INDEX_JSON)
+    atomic_write(out / INDEX_JSON, json.dumps(index, ensure_ascii=False, separators=(",", ":")) + "\n")  # last: marks the build done
     return load_index(out)
 
 

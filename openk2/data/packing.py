@@ -24,12 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from openk2.data.corpus import DOMAINS
+from openk2.data.corpus import DEFAULT_MIXTURE, DOMAINS  # noqa: F401  (DEFAULT_MIXTURE re-exported here)
 from openk2.data.dataset import CorpusIndex, load_index
 from openk2.errors import DataError
-
-# K2 mixes web text, code, math and knowledge; this corpus has three domains.
-DEFAULT_MIXTURE: dict[str, float] = {"text": 0.5, "code": 0.3, "math": 0.2}
 
 _BLOCK = 4096  # domain draws are made this many samples at a time
 _SPLIT_CODE = {"train": 0, "val": 1}

@@ -10,6 +10,8 @@ object API (`Tokenizer`), backed by HF `tokenizers` (Rust, fast batch encode).
 - `load_tiktoken(path)`: the released `tiktoken.model` (base64 token + rank per
   line) and `tokenizer_config.json`, converted to an equivalent HF BPE.
 - `load_tokenizer(path)`: either of the above, from a directory or a file.
+- `train_tokenizer(corpus)`: `train_bpe` on a mixture-weighted sample of the
+  corpus' train split (val documents never reach the tokenizer).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTokenizer
 
+from openk2.data.corpus import DEFAULT_MIXTURE, collect, resolve_config, sample_for_tokenizer
 from openk2.data.special_tokens import BOS, EOS, K2_SPECIAL_TOKENS, PAD, UNK
 from openk2.errors import DataError
+from openk2.utils.files import atomic_write
 
 # The split pattern of K2's tokenization_kimi.py (`pat_str`). Oniguruma, the
 # regex engine of HF tokenizers, supports its class intersections (`&&`).
@@ -166,7 +170,7 @@ class Tokenizer:
         """Write tokenizer.json (HF format) and tokenizer_config.json into `directory`."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(d / TOKENIZER_JSON, self.backend.to_str(pretty=False))
+        atomic_write(d / TOKENIZER_JSON, self.backend.to_str(pretty=False))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "openk2_kind": self.kind,
@@ -182,7 +186,7 @@ class Tokenizer:
                 for i, t in sorted(self.backend.get_added_tokens_decoder().items())
             },
         }
-        _atomic_write_text(d / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(d / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
         return d
 
 
@@ -406,12 +410,6 @@ def _load_hf_json(path: Path, config_path: Path) -> Tokenizer:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def train_tokenizer(
     corpus_config=None,
     vocab_size: int = DEFAULT_VOCAB_SIZE,
@@ -425,9 +423,6 @@ def train_tokenizer(
     Returns (tokenizer, stats) with stats: sample bytes per domain, seconds.
     """
     import time
-
-    from openk2.data.corpus import collect, resolve_config, sample_for_tokenizer
-    from openk2.data.packing import DEFAULT_MIXTURE
 
     cfg = resolve_config(corpus_config)
     groups = collect(cfg)
