@@ -145,7 +145,9 @@ def main() -> None:
         print(f"| {r['concurrency']} | {r['requests']} | {r['requests_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
               f"{r['ttft_p50_s']:.3f} | {r['ttft_p90_s']:.3f} | {r['latency_mean_s']:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+        from openk2.utils import atomic_write
+
+        atomic_write(args.json, json.dumps({"args": vars(args), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
