@@ -254,3 +254,31 @@ def test_parser_never_raises_on_noise():
     for _ in range(500):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
         parse_tool_calls(text, TOOLS)
+
+
+# --------------------------------------------------------------------------- JSON schemas (openk2.chat.schema)
+
+
+def test_response_format_to_schema():
+    from openk2.chat import response_schema
+
+    person = {"type": "object", "properties": {"name": {"type": "string"}}}
+    assert response_schema(None) is None and response_schema({"type": "text"}) is None
+    assert response_schema({"type": "json_object"}) == {"type": "object"}
+    assert response_schema({"type": "json_schema", "json_schema": {"name": "p", "schema": person}}) == person
+    with pytest.raises(ValueError, match="type must be text, json_object or json_schema"):
+        response_schema({"type": "yaml"})
+    with pytest.raises(ValueError, match="schema must be an object"):
+        response_schema({"type": "json_schema", "json_schema": {"name": "p"}})
+    with pytest.raises(ValueError, match="is not a valid JSON schema"):
+        response_schema({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}})
+
+
+def test_check_json_strips_fences_and_names_each_violation():
+    from openk2.chat import check_json
+
+    schema = {"type": "object", "properties": {"age": {"type": "integer"}}, "required": ["age"]}
+    assert check_json('```json\n{"age": 3}\n```', schema) == ({"age": 3}, None)
+    assert check_json("", schema) == (None, "the reply was empty")
+    assert check_json("{age: 3}", schema)[1].startswith("the reply is not valid JSON (Expecting property name")
+    assert check_json('{"age": "x"}', schema)[1] == "the JSON does not match the schema: age: 'x' is not of type 'integer'"
