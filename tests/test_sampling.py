@@ -48,7 +48,7 @@ def test_temperature_scales_the_softmax():
 
 def test_seeded_sampling_is_deterministic_and_matches_the_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-        g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     a = [int(sample_next(logits, 1.0, 1.0, g1)) for _ in range(50)]
     b = [int(sample_next(logits, 1.0, 1.0, g2)) for _ in range(50)]
     assert a == b
