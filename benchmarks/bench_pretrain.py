@@ -20,7 +20,7 @@ from openk2.model.config import get_preset
 from openk2.model.transformer import build_model
 from openk2.optim import MuonClip
 from openk2.train.flops import train_flops_per_token
-from openk2.train.pretrain import PEAK_FLOPS
+from openk2.hardware import matmul_flops
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
            "threads": torch.get_num_threads(), "train_flops_per_token": fpt}
     for dt, ts in times.items():
         med = statistics.median(ts)
-        peak = PEAK_FLOPS.get((dev.type, dt), 180e9)
+        peak = matmul_flops(getattr(torch, dt), dev.type)  # measured in this process, same thread count
         res[dt] = {"step_s": round(med, 4), "spread_s": [round(min(ts), 4), round(max(ts), 4)],
                    "tokens_per_s": round(tokens / med, 1), "achieved_gflops": round(fpt * tokens / med / 1e9, 1),
                    "mfu": round(fpt * tokens / med / peak, 4), "peak_gflops": peak / 1e9}

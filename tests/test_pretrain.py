@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from openk2.errors import CheckpointError, ConfigError
-from openk2.train.pretrain import TrainConfig, load_checkpoint, pretrain
+from openk2.model.transformer import K2ForCausalLM
+from openk2.train.checkpoint import latest_checkpoint, load_model_weights, read_trainer_state
+from openk2.train.pretrain import TrainConfig, pretrain
 from openk2.train.schedule import wsd_lr
 
 
@@ -20,7 +22,7 @@ def data_dir(tiny_data_dir):
 def _cfg(tmp_path, data_dir, **kw):
     base = dict(preset="k2-nano", runs_dir=str(tmp_path / "runs"), data_dir=str(data_dir), corpus="tiny",
                 vocab_size=1024, seq_len=32, batch_size=8, max_steps=6, val_every=3, val_batches=2, ckpt_every=3,
-                optimizer="adamw", lr=3e-3, progress=False, plots=False, dtype="float32")
+                optimizer="adamw", lr=3e-3, progress=False, plots=False, dtype="float32", time_budget_min=None)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -51,9 +53,18 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, data_dir, optimizer):
     a, b = _losses(full.run_dir), _losses(cut.run_dir)
     assert len(a) == len(b) == 6
     assert a == b  # bit-exact on CPU
-    sa = torch.load(full.run_dir / "checkpoints" / "step_0000006.pt", weights_only=False)["model"]
-    sb = torch.load(cut.run_dir / "checkpoints" / "step_0000006.pt", weights_only=False)["model"]
+    sa, sb = _final_weights(full), _final_weights(cut)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _final_weights(cfg):
+    import openk2
+
+    ckpt = latest_checkpoint(cfg.run_dir)
+    assert ckpt.name == f"step_{cfg.max_steps:07d}"
+    model = K2ForCausalLM(openk2.from_pretrained(cfg.run_dir / "hf").config, init_weights=False)
+    load_model_weights(ckpt, model)
+    return model.state_dict()
 
 
 def test_training_beats_unigram_and_exports_hf(tmp_path, data_dir):
@@ -77,12 +88,28 @@ def test_training_beats_unigram_and_exports_hf(tmp_path, data_dir):
 def test_corrupted_checkpoint_is_reported(tmp_path, data_dir):
     cfg = _cfg(tmp_path, data_dir, run_name="bad", max_steps=3)
     pretrain(cfg, log=lambda *a: None)
-    ck = cfg.run_dir / "checkpoints" / "step_0000003.pt"
-    ck.write_bytes(ck.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="step_0000003.pt"):
-        load_checkpoint(ck)
-    with pytest.raises(CheckpointError, match="step_0000003.pt"):
+    ck = cfg.run_dir / "checkpoints" / "step_0000003"
+    tr = ck / "trainer.pt"
+    good = tr.read_bytes()
+    tr.write_bytes(good[:1000])
+    with pytest.raises(CheckpointError, match="step_0000003"):
+        read_trainer_state(ck)
+    with pytest.raises(CheckpointError, match="step_0000003"):
         pretrain(cfg, log=lambda *a: None)
+    tr.write_bytes(good)  # now truncate a tensor shard instead
+    shard = next(ck.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match="step_0000003"):
+        pretrain(cfg, log=lambda *a: None)
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, data_dir):
+    """A step_N.tmp directory (a save that died before its rename) is never taken for a checkpoint."""
+    cfg = _cfg(tmp_path, data_dir, run_name="tmp", max_steps=3)
+    pretrain(cfg, log=lambda *a: None)
+    ck = latest_checkpoint(cfg.run_dir)
+    (ck.parent / "step_0000009.tmp").mkdir()
+    assert latest_checkpoint(cfg.run_dir) == ck
 
 
 def test_changed_settings_refuse_to_resume(tmp_path, data_dir):

@@ -137,6 +137,7 @@ class Runner:
             batch_size=s.batch_size, max_steps=s.steps, lr=s.lr, weight_decay=s.weight_decay, dtype=s.dtype,
             val_every=s.val_every, val_batches=s.val_batches, log_every=1, progress=self.progress, plots=False,
             track_max_logit=False, seed=s.seeds[0] if s.seeds else 0,
+            time_budget_min=None,  # experiments compare fixed token budgets
         )
         base.update(overrides)
         base.setdefault("ckpt_every", base["max_steps"])

@@ -61,7 +61,8 @@ def post_clip_logits(run: Run) -> dict:
     from openk2.data.packing import PackedDataset
     from openk2.data.tokenizer import load_tokenizer
     from openk2.model.transformer import build_model
-    from openk2.train.pretrain import TrainConfig, load_checkpoint, model_config
+    from openk2.train.checkpoint import list_checkpoints, load_model_weights
+    from openk2.train.pretrain import TrainConfig, model_config
 
     cfg = TrainConfig.from_dict({k: v for k, v in run.config.items() if k != "analysis"})
     if cfg.grad_accum != 1:
@@ -75,15 +76,14 @@ def post_clip_logits(run: Run) -> dict:
     by_step = {r["step"]: r for r in run.rows}
     consumed = 0
     checks = []
-    for path in sorted((run.run_dir / "checkpoints").glob("step_*.pt")):
-        state = load_checkpoint(path)
+    for path in list_checkpoints(run.run_dir / "checkpoints"):
+        state = load_model_weights(path, model)
         step = int(state["step"])
         while consumed < step - 1:  # the batch of step t is the t-th of the stream
             next(batches)
             consumed += 1
         batch = next(batches)[:, :-1]
         consumed += 1
-        model.load_state_dict(state["model"])
         out = {"step": step}
         # as the training forward computed it (bf16 autocast only if the run used it), and in fp32
         for name, bf16 in (("train_dtype", cfg.dtype == "bfloat16"), ("fp32", False)):
