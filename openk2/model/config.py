@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from openk2.errors import ConfigError
+from openk2.utils.files import atomic_write
 
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
 
@@ -166,8 +167,18 @@ class K2Config:
         return d
 
     def to_hf_dict(self) -> dict[str, Any]:
-        d = dict(self.extra)
+        """config.json of an exported checkpoint: transformers' DeepseekV3 form whatever the source.
+
+        model_type is always ``deepseek_v3`` (architectures ``DeepseekV3ForCausalLM``): transformers'
+        AutoModelForCausalLM, vLLM and SGLang load that natively, while ``kimi_k2`` (the Kimi-K2
+        releases) needs the release's custom code (``auto_map``), which an export does not carry, and
+        transformers maps per-expert tensor names only for ``deepseek_v3``. The architecture is the same
+        (docs/model.md, "Checkpoints"). ``auto_map`` and ``quantization_config`` are dropped: the export
+        has no custom code and its weights are dequantised.
+        """
+        d = {k: v for k, v in self.extra.items() if k not in ("auto_map", "quantization_config")}
         d.update(self.to_dict())
+        d["model_type"] = "deepseek_v3"
         d["architectures"] = ["DeepseekV3ForCausalLM"]
         d["n_routed_experts"] = self.n_routed_experts
         d["qk_head_dim"] = self.qk_head_dim
@@ -230,9 +241,7 @@ class K2Config:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         out = directory / "config.json"
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
+        atomic_write(out, json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         return out
 
     def replace(self, **changes: Any) -> "K2Config":

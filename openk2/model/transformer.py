@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from openk2.errors import CheckpointError, ConfigError
+from openk2.model import hf_adapter, safetensors_io
 from openk2.model.attention import MLACache, MLAttention
 from openk2.model.config import K2Config
 from openk2.model.loss import IGNORE_INDEX, linear_cross_entropy
@@ -213,16 +215,91 @@ class K2ForCausalLM(nn.Module):
                         cache_dtype=cache_dtype)
 
     # ----------------------------------------------------------- checkpoints
+    def hf_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The weights under HF DeepseekV3 names (experts per expert; `openk2.model.hf_adapter`)."""
+        sd = {}
+        for name, t in self.state_dict().items():
+            t = t.detach()
+            if dtype is not None and t.is_floating_point() and not name.endswith("e_score_correction_bias"):
+                t = t.to(dtype)  # the balancer's bias stays fp32
+            sd[name] = t
+        return hf_adapter.to_hf(sd, self.config)
+
     def save_pretrained(self, path: str | os.PathLike, max_shard_size: int | str = "2GB",
-                        dtype: torch.dtype | None = None) -> Path:
-        from openk2.model.checkpoint import save_pretrained
-        return save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
+                        dtype: torch.dtype | None = None, extra_files: dict[str, str | bytes] | None = None) -> Path:
+        """Write an HF-format directory atomically (config.json with model_type deepseek_v3, sharded
+        safetensors, index); files already there that are not part of the checkpoint are kept."""
+        cfg = self.config.to_hf_dict()
+        cfg["torch_dtype"] = str(dtype or self.lm_head.weight.dtype).replace("torch.", "")
+        return safetensors_io.write_checkpoint(path, self.hf_state_dict(dtype), cfg, max_shard_size=max_shard_size,
+                                               extra_files=extra_files)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> "K2ForCausalLM":
-        from openk2.model.checkpoint import from_pretrained
-        return from_pretrained(path, dtype=dtype, device=device)
+                        device: str | torch.device = "cpu", strict: bool = True) -> "K2ForCausalLM":
+        """Load an HF-format directory (DeepSeek-V3, Kimi-K2, Moonlight, openk2's own), shard by shard.
+
+        Reads per-expert and transformers-5 fused expert tensors, skips multi-token-prediction layers,
+        dequantises FP8 block-quantised weights. `dtype=None` takes the stored dtype (bf16 for FP8).
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: not a checkpoint directory")
+        try:
+            config = K2Config.from_json_file(path / "config.json")
+        except ConfigError as e:
+            raise CheckpointError(str(e)) from None
+        qcfg = config.extra.get("quantization_config") or {}
+        block = tuple(qcfg.get("weight_block_size", (128, 128)))
+        if dtype is None:
+            stored = config.extra.get("torch_dtype") or config.extra.get("dtype")
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+                str(stored), torch.bfloat16 if qcfg else torch.float32)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device("meta"):
+                model = cls(config, init_weights=False)
+        finally:
+            torch.set_default_dtype(default)
+        model.to_empty(device=device)
+        params = dict(model.named_parameters())
+        params.update({k: v for k, v in model.named_buffers() if k.endswith("e_score_correction_bias")})
+        expected: set[tuple[str, int | None]] = set()
+        for name, p in params.items():
+            if hf_adapter.is_expert_stack(name):
+                expected.update((name, e) for e in range(p.shape[0]))
+            elif not (config.tie_word_embeddings and name == "lm_head.weight"):
+                expected.add((name, None))
+        filled: set[tuple[str, int | None]] = set()
+        for fname, key, t in safetensors_io.iter_tensors(path, lambda k: bool(hf_adapter.hf_targets(k, config)),
+                                                         fp8_block=block):
+            for tg in hf_adapter.hf_targets(key, config):
+                if tg.name not in params:
+                    if strict:
+                        raise CheckpointError(f"{path / fname}: unexpected tensor '{key}' (no such parameter in the model)")
+                    continue
+                src = hf_adapter.take(t, tg)
+                experts = [tg.expert] if tg.expert is not None else (
+                    range(src.shape[0]) if hf_adapter.is_expert_stack(tg.name) else [None])
+                for e in experts:
+                    dst = params[tg.name] if e is None else params[tg.name][e]
+                    v = src if e is None or tg.expert is not None else src[e]
+                    if tuple(dst.shape) != tuple(v.shape):
+                        raise CheckpointError(
+                            f"{path / fname}: tensor '{key}' has shape {tuple(t.shape)}, "
+                            f"the model expects {tuple(dst.shape)} (check config.json)")
+                    with torch.no_grad():
+                        dst.copy_(v.to(dst.dtype))
+                    filled.add((tg.name, e))
+        missing = sorted(expected - filled, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+        if missing and strict:
+            shown = ", ".join(n if e is None else f"{n} expert {e}" for n, e in missing[:3])
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise CheckpointError(f"{path}: checkpoint is missing tensors: {shown}{more}")
+        model.reset_buffers(device)
+        model.eval()
+        return model
 
 
 def count_parameters(model: K2ForCausalLM) -> dict[str, int]:
