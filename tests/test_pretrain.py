@@ -146,3 +146,84 @@ def test_export_cli_writes_loadable_hf_dir(tmp_path, data_dir):
     a, b = openk2.from_pretrained(out), openk2.from_pretrained(cfg.run_dir / "hf")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert (out / "tokenizer.json").exists()
+
+
+def test_adamw_baseline_and_muonclip_decay_the_same_parameters():
+    """The Muon-vs-AdamW comparison changes the optimizer only: both skip decay on norms and biases."""
+    from openk2.model.config import get_preset
+    from openk2.model.transformer import build_model
+    from openk2.train.pretrain import build_optimizer
+
+    model = build_model(get_preset("k2-nano"))
+
+    def decay_of(opt):
+        return {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+
+    a = decay_of(build_optimizer(model, TrainConfig(optimizer="adamw", weight_decay=0.1)))
+    m = decay_of(build_optimizer(model, TrainConfig(optimizer="muonclip", weight_decay=0.1)))
+    assert a == m
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i, wd in a.items() if wd == 0} == {n for n, p in model.named_parameters() if p.dim() < 2}
+    assert sum(wd > 0 for wd in a.values()) > 0
+
+
+def _simulate(budget, step_s, eval_s=2.0, max_steps=400, val_every=150):
+    from openk2.train.schedule import StepBudget
+
+    b = StepBudget(max_steps, 20, 0.35, budget, val_every=val_every)
+    elapsed, step, lrs = 0.0, 0, []
+    while step < b.total_steps:
+        lrs.append(wsd_lr(step, b.total_steps, 1.0, 20, 0.35, 0.1))
+        elapsed += step_s
+        step += 1
+        if step % val_every == 0 or step == b.total_steps:
+            elapsed += eval_s
+            b.record_eval(eval_s)
+        b.update(step, elapsed)
+    return b, elapsed, lrs
+
+
+def test_time_budget_places_the_decay_from_throughput():
+    # a fast machine trains every step, exactly as without a budget
+    b, elapsed, lrs = _simulate(budget=720, step_s=0.9)
+    assert b.total_steps == 400 and lrs == [wsd_lr(s, 400, 1.0, 20, 0.35, 0.1) for s in range(400)]
+    # a 4x slower one stops the stable phase early, still ends with the full decay, and ends near the budget
+    b, elapsed, lrs = _simulate(budget=720, step_s=3.6)
+    assert 180 <= b.total_steps <= 200 and b.fixed
+    assert elapsed <= 720 + 2.0 + 3.6  # at most the first evaluation (unmeasured when the plan was fixed) over
+    assert lrs[-1] == pytest.approx(0.1, abs=0.02) and max(lrs) == 1.0
+    decay = [x for x in lrs if x < 1.0][20:]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))  # the decay is monotone: no restart of the plan
+
+
+def test_time_budget_end_to_end_stops_early(tmp_path, data_dir):
+    """A budget far below max_steps' time: the run ends early, with the decay, and says how far it got."""
+    cfg = _cfg(tmp_path, data_dir, run_name="budget", max_steps=100000, val_every=1000, ckpt_every=1000,
+               time_budget_min=0.1)
+    lines = []
+    summary = pretrain(cfg, log=lines.append)
+    assert 5 < summary["steps"] < 100000 and summary["tokens"] == summary["steps"] * 8 * 32
+    assert summary["train_minutes"] < 0.1 * 1.5
+    assert any(f"trained on {summary['tokens']:,} tokens in {summary['steps']} steps" in x for x in lines)
+    rows = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if '"lr"' in x]
+    assert rows[-1]["lr"] < 0.2 * 3e-3  # it decayed to near the final lr
+
+
+def test_every_setting_has_one_flag_and_flags_override_the_config_file(tmp_path):
+    import argparse
+    import dataclasses
+
+    from openk2.train.config import add_config_flags, config_from_args
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    add_config_flags(p)
+    dests = [a.dest for a in p._actions if a.dest not in ("help", "config")]
+    assert sorted(dests) == sorted(f.name for f in dataclasses.fields(TrainConfig))
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"lr": 0.01, "seq_len": 64, "qk_clip_tau": 0, "betas": [0.8, 0.9]}))
+    cfg = config_from_args(p.parse_args(["--config", str(f), "--lr", "0.02", "--steps", "7", "--no-progress",
+                                         "--model-overrides", '{"num_hidden_layers": 2}']))
+    assert (cfg.lr, cfg.seq_len, cfg.max_steps, cfg.progress, cfg.qk_clip_tau) == (0.02, 64, 7, False, None)
+    assert cfg.betas == (0.8, 0.9) and cfg.model_overrides == {"num_hidden_layers": 2}
+    assert config_from_args(p.parse_args([])) == TrainConfig()

@@ -75,20 +75,33 @@ def model_config(cfg: TrainConfig, tokenizer) -> K2Config:
         raise ConfigError(f"model_overrides: {e}") from None
 
 
+def _no_decay(p: torch.Tensor) -> bool:
+    """Norm gains and biases (fewer than 2 dims) take no weight decay, under either optimizer."""
+    return p.dim() < 2
+
+
 def build_optimizer(model: K2ForCausalLM, cfg: TrainConfig):
+    """AdamW (the baseline) or MuonClip; both decay matrices, embeddings and the head, not norms or biases."""
     if cfg.optimizer == "adamw":
-        decay, no_decay = [], []
-        for n, p in model.named_parameters():
-            (no_decay if p.dim() < 2 else decay).append(p)
+        decay = [p for p in model.parameters() if p.requires_grad and not _no_decay(p)]
+        no_decay = [p for p in model.parameters() if p.requires_grad and _no_decay(p)]
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-    from openk2.optim import MuonClip
+    from openk2.optim import MuonClip, QKClip, param_groups
 
-
-    return MuonClip.for_model(
-        model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas,
-        qk_clip_tau=cfg.qk_clip_tau, qk_clip_alpha=cfg.qk_clip_alpha, ns_dtype=getattr(torch, cfg.muon_ns_dtype))
+    groups = []
+    for g in param_groups(model):
+        if g["use_muon"]:
+            groups.append(g)
+            continue
+        decay = [(n, p) for n, p in g["params"] if not _no_decay(p)]
+        no_decay = [(n, p) for n, p in g["params"] if _no_decay(p)]
+        groups += [{**g, "params": decay}] if decay else []
+        groups += [{**g, "params": no_decay, "weight_decay": 0.0}] if no_decay else []
+    qk = None if cfg.qk_clip_tau is None else QKClip.from_model(model, tau=cfg.qk_clip_tau, alpha=cfg.qk_clip_alpha)
+    return MuonClip(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas,
+                    qk_clip=qk, ns_dtype=getattr(torch, cfg.muon_ns_dtype))
 
 
 def validation_fn(data_dir, cfg: TrainConfig):
