@@ -177,6 +177,42 @@ def test_default_partition_of_k2():
     assert named == groups
 
 
+def test_fused_gate_up_experts_are_orthogonalised_as_gate_and_up():
+    """transformers-5 DeepseekV3 `mlp.experts.gate_up_proj` [E, 2I, H]: Muon's update == gate and up separately."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8,
+        qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(cfg)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    fused = dict(hf.named_parameters())[name]
+    E, I2, H = fused.shape
+    assert I2 == 2 * cfg.moe_intermediate_size
+    groups = {n: g for g in param_groups(hf) for n, _ in g["params"]}
+    assert groups[name]["use_muon"] and groups[name].get("ns_split") == 2
+    kw = dict(lr=0.1, weight_decay=0.1, ns_dtype=torch.float64)
+    for make in (lambda ps: MuonClip(param_groups(hf), **kw), lambda ps: MuonClip(hf.named_parameters(), **kw)):
+        w0 = fused.detach().clone()
+        gate, up = (nn.Parameter(t.clone()) for t in w0.chunk(2, dim=1))
+        opt = make(None)
+        ref = MuonClip([{"params": [("gate", gate), ("up", up)], "use_muon": True}], **kw)
+        for _ in range(2):
+            for p in hf.parameters():
+                p.grad = None
+            fused.grad = torch.randn_like(fused)
+            gate.grad, up.grad = (g.clone() for g in fused.grad.chunk(2, dim=1))
+            opt.step()
+            ref.step()
+        got_gate, got_up = fused.detach().chunk(2, dim=1)
+        assert torch.allclose(got_gate, gate, rtol=0, atol=1e-6) and torch.allclose(got_up, up, rtol=0, atol=1e-6)
+        assert not torch.allclose(fused, w0)
+        with torch.no_grad():
+            fused.copy_(w0)
+
+
 def test_tied_head_goes_to_adamw():
     model = build_model(tiny_k2(tie_word_embeddings=True))
     muon = {id(p) for g in param_groups(model) if g["use_muon"] for _, p in g["params"]}

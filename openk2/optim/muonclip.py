@@ -64,17 +64,38 @@ def param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]
     head = get_out() if callable(get_out) else None
     if isinstance(head, nn.Module):
         adamw_ids.update(id(p) for p in head.parameters(recurse=False))
-    muon, adamw = [], []
+    modules = dict(model.named_modules())
+    muon, fused, adamw = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (adamw if id(p) in adamw_ids or not is_muon_param(name, p) else muon).append((name, p))
+        if id(p) in adamw_ids or not is_muon_param(name, p):
+            adamw.append((name, p))
+        elif _fused_gate_up(name, p, modules.get(name.rpartition(".")[0])):
+            fused.append((name, p))
+        else:
+            muon.append((name, p))
     groups = []
     if muon:
         groups.append({"params": muon, "use_muon": True, **group_options})
+    if fused:
+        groups.append({"params": fused, "use_muon": True, "ns_split": 2, **group_options})
     if adamw:
         groups.append({"params": adamw, "use_muon": False, **group_options})
     return groups
+
+
+def _fused_gate_up(name: str, p: torch.Tensor, module: nn.Module | None = None) -> bool:
+    """transformers-5 fused expert gate and up weights, [E, 2I, H] (first I rows gate, last I up).
+
+    Muon orthogonalises them as two [I, H] matrices per expert, as openk2's own stacked gate_proj /
+    up_proj (and Moonlight) do. With the owning module at hand its `intermediate_dim` confirms the
+    layout; other layouts ([E, H, 2I]: GPT-OSS, Aria) are then left whole.
+    """
+    if not name.endswith("gate_up_proj") or p.ndim != 3 or p.shape[-2] % 2:
+        return False
+    inter = getattr(module, "intermediate_dim", None) if module is not None else None
+    return inter is None or p.shape[-2] == 2 * inter
 
 
 def _fused_adamw_devices() -> tuple[str, ...]:
@@ -165,10 +186,11 @@ class MuonClip(Optimizer):
         qk_clip: QKClip | None = None,
         master_weights: bool = False,
         compile_ns: bool = False,
+        ns_split: int = 1,
     ):
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         ns_coefficients=ns_coefficients, ns_dtype=ns_dtype, ns_eps=ns_eps, ns_matmul=ns_matmul,
-                        update_rms=update_rms,
+                        update_rms=update_rms, ns_split=ns_split,
                         betas=tuple(betas), eps=eps)
         self._validate(defaults, "")
         if qk_clip is not None and not isinstance(qk_clip, QKClip):
@@ -202,8 +224,11 @@ class MuonClip(Optimizer):
         if group["use_muon"]:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, p in zip(names, group["params"]):
+                what = f"'{name}'" if name else "a parameter"
+                if p.ndim in (2, 3) and p.shape[-2] % group.get("ns_split", 1):
+                    raise ValueError(f"MuonClip: {where}{what} of shape {tuple(p.shape)}: its {p.shape[-2]} rows do not "
+                                     f"split into ns_split={group.get('ns_split', 1)} matrices")
                 if p.ndim not in (2, 3):
-                    what = f"'{name}'" if name else "a parameter"
                     raise ValueError(
                         f"MuonClip: {where}{what} of shape {tuple(p.shape)} is in a Muon group (use_muon=True), "
                         "but Muon takes 2-D matrices [n, m] or 3-D expert stacks [E, n, m]; put it in a group with "
@@ -245,6 +270,9 @@ class MuonClip(Optimizer):
             raise ValueError(f"MuonClip: {where}{e}") from None
         if g["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             raise ValueError(f"MuonClip: {where}ns_dtype must be a floating dtype, got {g['ns_dtype']!r}")
+        split = g.get("ns_split", 1)
+        if isinstance(split, bool) or not isinstance(split, int) or split < 1:
+            raise ValueError(f"MuonClip: {where}ns_split must be a positive integer, got {split!r}")
         if g["ns_matmul"] not in ("auto", "native", "fp32"):
             raise ValueError(f"MuonClip: {where}ns_matmul must be 'auto', 'native' or 'fp32', got {g['ns_matmul']!r}")
 
@@ -266,11 +294,14 @@ class MuonClip(Optimizer):
                     "MuonClip cannot tell hidden matrices from embeddings and output heads in an unnamed parameter "
                     "list: pass model.named_parameters(), openk2.optim.param_groups(model), or groups with "
                     "'use_muon': True/False")
-            muon = [(n, p) for n, p in ps if is_muon_param(n, p)]
+            muon = [(n, p) for n, p in ps if is_muon_param(n, p) and not _fused_gate_up(n, p)]
+            fused = [(n, p) for n, p in ps if is_muon_param(n, p) and _fused_gate_up(n, p)]
             adamw = [(n, p) for n, p in ps if not is_muon_param(n, p)]
             rest = {k: v for k, v in g.items() if k != "params"}
             if muon:
                 out.append({**rest, "params": muon, "use_muon": True})
+            if fused:
+                out.append({"ns_split": 2, **rest, "params": fused, "use_muon": True})
             if adamw:
                 out.append({**rest, "params": adamw, "use_muon": False})
         return out
@@ -330,21 +361,24 @@ class MuonClip(Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(target, memory_format=torch.preserve_format)
                 m, gl = _local(state["momentum_buffer"]), _local(g)
                 torch.add(gl, m, alpha=group["momentum"], out=m)  # M = mu M + G
+                split = group.get("ns_split", 1)
                 n, k = p.shape[-2:]
                 if _splits_matrices(p):
-                    key = ("gather", tuple(p.shape), tuple(p.placements), p.device_mesh, ns_key)
+                    key = ("gather", tuple(p.shape), tuple(p.placements), p.device_mesh, split, ns_key)
                 else:
-                    key = ("local", n, k, gl.device, ns_key)
+                    key = ("local", n // split, k, gl.device, split, ns_key)
                 buckets[key].append((p, group, target, gl, m))
         for key, items in buckets.items():
             self._muon_bucket(key, items)
 
     def _muon_bucket(self, key, items) -> None:
-        kind, *_, (schedule, ns_dtype, ns_eps, ns_matmul) = key
+        kind, *_, split, (schedule, ns_dtype, ns_eps, ns_matmul) = key
         n, m = items[0][0].shape[-2:]
+        n //= split  # ns_split: each [n, m] matrix is `split` stacked [n / split, m] matrices
         shapes = [_local(it[2]).shape for it in items]
-        counts = [math.prod(s[:-2]) for s in shapes]
-        rows, cols = shapes[0][-2:]
+        local_split = 1 if kind == "gather" else split  # gathered matrices are split after the gather
+        counts = [math.prod(s[:-2]) * local_split for s in shapes]
+        rows, cols = shapes[0][-2] // local_split, shapes[0][-1]
         total = sum(counts)
         ws_key = (key, total)
         U = self._workspace.get(ws_key)
@@ -364,7 +398,7 @@ class MuonClip(Optimizer):
             off += c
         mm_dtype = matmul_dtype_for(U.device, ns_dtype, ns_matmul)
         if kind == "gather":
-            O_local = self._orthogonalise_sharded(U, items[0][0], schedule, ns_dtype, ns_eps, mm_dtype)
+            O_local = self._orthogonalise_sharded(U, items[0][0], schedule, ns_dtype, ns_eps, mm_dtype, split)
         else:
             O_local = _newton_schulz(U, schedule, ns_eps, ns_dtype, mm_dtype, out=U, kernel=self._ns_kernel)
         scale = math.sqrt(max(n, m))
@@ -384,7 +418,7 @@ class MuonClip(Optimizer):
                 if target is not p:
                     _local(p).copy_(_local(target))
 
-    def _orthogonalise_sharded(self, U_local, p, schedule, ns_dtype, ns_eps, mm_dtype) -> torch.Tensor:
+    def _orthogonalise_sharded(self, U_local, p, schedule, ns_dtype, ns_eps, mm_dtype, split=1) -> torch.Tensor:
         """All-gather the stacked shards [k, ...local] of same-shaped DTensor matrices, orthogonalise, keep ours."""
         from torch.distributed.tensor import DTensor, Replicate, Shard
 
@@ -395,7 +429,9 @@ class MuonClip(Optimizer):
         gstride = torch.empty(gshape, device="meta").stride()
         full = DTensor.from_local(local, p.device_mesh, placements, run_check=False, shape=torch.Size(gshape),
                                   stride=gstride).full_tensor()
-        O = _newton_schulz(full, schedule, ns_eps, ns_dtype, mm_dtype, out=full, kernel=self._ns_kernel)
+        n, m = p.shape[-2:]
+        mats = full.view(-1, n // split, m)
+        O = _newton_schulz(mats, schedule, ns_eps, ns_dtype, mm_dtype, out=mats, kernel=self._ns_kernel).view(gshape)
         O = DTensor.from_local(O, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
         return O.redistribute(p.device_mesh, placements).to_local().reshape(U_local.shape)
 
