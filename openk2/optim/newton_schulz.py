@@ -91,26 +91,13 @@ def newton_schulz(
     return X.to(dtype)
 
 
-_CPU_AMX: bool | None = None
-
-
-def _cpu_has_amx() -> bool:
-    global _CPU_AMX
-    if _CPU_AMX is None:
-        init = getattr(getattr(torch._C, "_cpu", None), "_init_amx", None)
-        try:
-            _CPU_AMX = bool(init()) if init is not None else False
-        except Exception:  # noqa: BLE001 - no AMX support compiled in or permitted
-            _CPU_AMX = False
-    return _CPU_AMX
-
-
 def matmul_dtype_for(device: torch.device, dtype: torch.dtype, matmul: str = "auto") -> torch.dtype:
-    """The dtype Newton-Schulz multiplies in. "auto": fp32 units for bf16/fp16 on a CPU without AMX.
+    """The dtype Newton-Schulz multiplies in. "auto": `dtype` natively where it is measured at least as
+    fast as fp32 (GPUs, AMX and AMD CPUs), else fp32 units with every product rounded to `dtype`.
 
-    Without AMX a CPU's bf16 dot products (AVX512-BF16) have the FLOP rate of fp32 FMAs, and oneDNN's
-    bf16 kernels also repack their inputs: on the 2-core AVX512-BF16 reference machine bf16 matmuls
-    ran at ~0.6x the fp32 rate. GPUs and AMX CPUs multiply bf16 natively.
+    Both give iterates of `dtype` values; only the speed differs, and CPU flags do not predict it
+    (`openk2.hardware`): AVX512-BF16 without AMX ran bf16 matmuls at ~0.5x the fp32 rate, AVX2-only
+    CPUs emulate bf16 at ~1/60 of it, AMX and AMD EPYC run bf16 faster than fp32.
     """
     if matmul not in ("auto", "native", "fp32"):
         raise ValueError(f"ns matmul must be 'auto', 'native' or 'fp32', got {matmul!r}")
@@ -118,7 +105,14 @@ def matmul_dtype_for(device: torch.device, dtype: torch.dtype, matmul: str = "au
         return dtype
     if matmul == "fp32":
         return torch.float32
-    return torch.float32 if torch.device(device).type == "cpu" and not _cpu_has_amx() else dtype
+    device = torch.device(device)
+    if device.type == "cuda":
+        return dtype
+    if device.type != "cpu":
+        return torch.float32
+    from openk2 import hardware  # looked up at call time: measured once per process, then cached
+
+    return dtype if hardware.matmul_flops(dtype, device) >= hardware.matmul_flops(torch.float32, device) else torch.float32
 
 
 def _round_(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
