@@ -26,7 +26,7 @@ from torch import nn
 
 from openk2.model.config import get_preset
 from openk2.model.transformer import build_model
-from openk2.optim import MuonClip, max_logit, newton_schulz_flops
+from openk2.optim import MuonClip, newton_schulz_flops
 
 SECTION = "## Optimizer step (MuonClip vs torch.optim.Muon)"
 
@@ -118,50 +118,30 @@ def bench_step(cfg, rounds: int, lr: float = 1e-3, wd: float = 0.1) -> dict:
             "params": n_params, "stacks": len(stacks), "big_stack": big}
 
 
-def _sdpa_and_max_logit(attn_cls):
-    """MLAttention with the statistic as `openk2.optim.max_logit` beside fused SDPA (the proposed model change)."""
-    eager = attn_cls._eager
-
-    def patched(self, q, k, v, key_padding_mask):
-        if key_padding_mask is not None or not self.track_max_logit:
-            return eager(self, q, k, v, key_padding_mask)
-        torch.maximum(self.max_logit, max_logit(q, k, self.softmax_scale), out=self.max_logit)
-        return self._sdpa(q, k, v)
-
-    return patched
-
-
 def bench_clip(cfg, rounds: int, batch: int, seq: int) -> dict:
-    """A bf16-autocast training step of `cfg` without QK-Clip, with it (the model's statistic), and with
-    the statistic computed beside SDPA; alternating."""
-    from openk2.model.attention import MLAttention
-
+    """A bf16-autocast training step of `cfg` without QK-Clip and with it (the model's tiled statistic
+    beside fused SDPA, then the rescale); alternating."""
     torch.manual_seed(0)
     model = build_model(cfg).train()
     opt = MuonClip.for_model(model, lr=1e-3, qk_clip_tau=100.0)
     clip = opt.qk_clip
     ids = torch.randint(3, cfg.vocab_size, (batch, seq + 1))
-    model_eager, proposed = MLAttention._eager, _sdpa_and_max_logit(MLAttention)
 
     def step(variant: str):
         model.set_track_max_logit(variant != "off")
         opt.qk_clip = None if variant == "off" else clip
-        MLAttention._eager = proposed if variant == "sdpa" else model_eager
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = model(ids[:, :-1]).logits
-            F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        finally:
-            MLAttention._eager = model_eager
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids[:, :-1]).logits
+        F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
-    variants = ("off", "model", "sdpa")
+    variants = ("off", "model")
     times = {v: [] for v in variants}
     for v in variants:
         step(v)
     for r in range(rounds):
-        for v in variants[r % 3:] + variants[:r % 3]:
+        for v in variants[r % 2:] + variants[:r % 2]:
             times[v].append(timed(lambda: step(v)))
     # the rescale alone: no head over tau (the usual case) and every head over tau (the worst case)
     model.set_track_max_logit(True)
@@ -185,6 +165,11 @@ def bench_clip(cfg, rounds: int, batch: int, seq: int) -> dict:
 
 
 def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
+    from openk2.optim.newton_schulz import matmul_dtype_for
+
+    auto = ("native bf16 matmuls here, measured faster than fp32"
+            if matmul_dtype_for(torch.device("cpu"), torch.bfloat16) == torch.bfloat16
+            else "bf16 values on fp32 units here, bf16 measured slower than fp32")
     med, mins = s["median"], s["min"]
     tm, ta, om, oa = med["torch_muon"], med["torch_adamw"], med["ours_muon"], med["ours_adamw"]
     lines = [
@@ -209,7 +194,7 @@ def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
         "",
         f"Newton-Schulz work of one step: {s['flops'] / 1e9:.2f} GFLOP. This machine's matmul peak "
         f"(2048^3, best of 5): bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s. "
-        f"MuonClip's Muon part (bf16 values on fp32 units here, `ns_matmul=\"auto\"`) runs at "
+        f"MuonClip's Muon part (`ns_matmul=\"auto\"`: {auto}) runs at "
         f"{s['flops'] / om / 1e9:.0f} GFLOP/s = {s['flops'] / om / peaks['bf16']:.0%} of the bf16 peak, "
         f"{s['flops'] / om / peaks['fp32']:.0%} of the fp32 peak; torch.optim.Muon (bf16 matmuls) "
         f"{s['flops'] / tm / 1e9:.0f} GFLOP/s = {s['flops'] / tm / peaks['bf16']:.0%} of the bf16 peak.",
@@ -219,24 +204,22 @@ def report(args, cfg, s: dict, c: dict | None, peaks: dict) -> str:
         f"matrices of one shape ({s['stacks']} stacks; the largest holds {s['big_stack'][1]} matrices of "
         f"{s['big_stack'][0][0]} x {s['big_stack'][0][1]}; no per-expert Python) and runs "
         "each Newton-Schulz product as one batched matmul over ~2 MB chunks that stay in L2; momentum and the "
-        "update are a few ops per parameter tensor. On this CPU (AVX512-BF16, no AMX) bf16 matmuls run at about "
-        "half the fp32 rate (see the peaks above), so `ns_matmul=\"auto\"` computes the bf16 products on fp32 "
-        "units and rounds each to bf16 (same values as a bf16 GEMM up to summation order); with bf16 matmuls "
-        "like torch's (`ns_matmul=\"native\"`) the ratio is the last row of the table.",
+        "update are a few ops per parameter tensor. `ns_matmul=\"auto\"` picks the arithmetic from a measurement "
+        "(`openk2.hardware.matmul_flops`): native bf16 matmuls where they are at least as fast as fp32 (AMX, AMD, "
+        "GPUs), else the bf16 products on fp32 units, each rounded to bf16 (same values up to summation order); "
+        "the `ns_matmul=\"native\"` row forces bf16 matmuls like torch's.",
     ]
     if c is not None:
         share = lambda v, suf="": (c[v + suf] - c["off" + suf]) / c[v + suf]  # noqa: E731
         lines += [
             "",
             f"QK-Clip in a training step ({args.preset}, batch {c['batch']} x {c['seq']} tokens, bf16 autocast, "
-            "forward + backward + MuonClip step; the three variants alternate; medians, min in brackets):", "",
+            "forward + backward + MuonClip step; the two variants alternate; medians, min in brackets):", "",
             "| variant | step (ms) | QK-Clip share of the step |", "|---|---:|---:|",
             f"| no QK-Clip (fused SDPA, no statistic) | {c['off'] * 1e3:.0f} [{c['off_min'] * 1e3:.0f}] | - |",
-            f"| QK-Clip, statistic as the model computes it now (`track_max_logit`: eager attention) | "
+            f"| QK-Clip (the model's tiled `openk2.model.max_logit` beside fused SDPA, then the rescale) | "
             f"{c['model'] * 1e3:.0f} [{c['model_min'] * 1e3:.0f}] | {share('model'):.1%} "
             f"[{share('model', '_min'):.1%}] |",
-            f"| QK-Clip, statistic by `openk2.optim.max_logit` beside fused SDPA (proposed model change) | "
-            f"{c['sdpa'] * 1e3:.0f} [{c['sdpa_min'] * 1e3:.0f}] | {share('sdpa'):.1%} [{share('sdpa', '_min'):.1%}] |",
             "",
             f"The rescale itself: {c['clip_idle'] * 1e3:.2f} ms when no head exceeds tau (the usual case once "
             f"training settles), {c['clip_all_heads'] * 1e3:.2f} ms when every head does; the rest is the statistic.",
