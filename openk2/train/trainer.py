@@ -105,12 +105,9 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak_flops = None
         if flops_per_token:
-            try:  # TEMP until openk2.hardware lands
-                from openk2.hardware import matmul_flops
+            from openk2.hardware import matmul_flops
 
-                self.peak_flops = matmul_flops(self.dtype, self.device.type) * self.world
-            except ImportError:
-                self.peak_flops = 340e9 * self.world
+            self.peak_flops = matmul_flops(self.dtype, self.device.type) * self.world
         self.step, self.tokens, self.elapsed = 0, 0, 0.0
         self.budget = StepBudget(cfg.max_steps, cfg.warmup, cfg.decay_fraction,
                                  None if cfg.time_budget_min is None else cfg.time_budget_min * 60.0,
