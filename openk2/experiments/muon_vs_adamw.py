@@ -4,10 +4,14 @@
    loss is the target.
 2. MuonClip reuses that learning rate as is: its update is scaled to RMS 0.2,
    AdamW's typical update RMS, so AdamW's lr and weight decay carry over
-   (update-RMS matching, Moonlight; SPEC section 2).
+   (update-RMS matching: Moonlight, and the K2 report's MuonClip section).
 3. MuonClip is trained at several fractions of the budget, each a complete
    WSD run (warm-up, stable, decay), and the fraction of tokens at which its
    end-of-run loss equals AdamW's full-budget loss is interpolated.
+
+Only the optimizer differs between the two: the same model, data, schedule
+and weight decay, applied to the same parameters (matrices, embeddings and
+the head; not norm gains or biases: openk2.train.pretrain.build_optimizer).
 
 A second, cheaper estimate reads the full-budget curves in their stable phase
 (before the decay starts): the tokens MuonClip needs to reach the loss AdamW
@@ -133,7 +137,7 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
         f"there {stable_target:.4f}): {', '.join(pct(x) for x in frac_stable)}.",
         "- Same tokens: MuonClip ends at " + (f"{muon_full:.4f} vs AdamW {target:.4f} "
                                              f"({100 * (muon_full - target) / target:+.2f}%)." if muon_full else "n/a."),
-        *([f"- RMS-matching check: MuonClip at the full budget with lr "
+        *(["- RMS-matching check: MuonClip at the full budget with lr "
            + ", ".join(f"{lr:g}: {mean_std([r.final_val_loss for r in runs])[0]:.4f}" for lr, runs in sorted(lr_check.items()))
            + f" against {muon_full:.4f} at AdamW's lr {best_lr:g}"
            + (" (AdamW's lr is also the best of these for MuonClip)." if all(

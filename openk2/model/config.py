@@ -229,13 +229,9 @@ class K2Config:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        if not path.exists():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-        return cls.from_dict(raw, source=str(path))
+        from openk2.utils.files import read_json
+
+        return cls.from_dict(read_json(path), source=str(path))
 
     def save(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)

@@ -210,13 +210,9 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
     base: dict = {}
     path = getattr(args, "config", None)
     if path:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: file not found")
-        try:
-            base = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+        from openk2.utils.files import read_json
+
+        base = read_json(path)
         if not isinstance(base, dict):
             raise ConfigError(f"{path}: expected a JSON object of training settings")
     for f in dataclasses.fields(cls):

@@ -48,3 +48,21 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
     with atomic_open(path, "wb") as f:
         torch.save(obj, f)
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> Any:
+    """Parse a JSON file; a missing or malformed file is a ConfigError that names it (and where it breaks)."""
+    import json
+
+    from openk2.errors import ConfigError
+
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON{' ' + what if what else ''} ({e.msg} at line {e.lineno} "
+                          f"column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read ({e})") from None
