@@ -63,6 +63,7 @@ def post_clip_logits(run: Run) -> dict:
     from openk2.model.transformer import build_model
     from openk2.train.checkpoint import list_checkpoints, load_model_weights
     from openk2.train.pretrain import TrainConfig, model_config
+    from openk2.train.trainer import autocast_dtype
 
     cfg = TrainConfig.from_dict({k: v for k, v in run.config.items() if k != "analysis"})
     if cfg.grad_accum != 1:
@@ -86,7 +87,8 @@ def post_clip_logits(run: Run) -> dict:
         consumed += 1
         out = {"step": step}
         # as the training forward computed it (bf16 autocast only if the run used it), and in fp32
-        for name, bf16 in (("train_dtype", cfg.dtype == "bfloat16"), ("fp32", False)):
+        train_bf16 = autocast_dtype(cfg.dtype, torch.device("cpu")) == torch.bfloat16  # what "auto" chose
+        for name, bf16 in (("train_dtype", train_bf16), ("fp32", False)):
             model.reset_max_logits()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 model(batch)
