@@ -109,6 +109,22 @@ def test_client_errors_are_not_retried():
     assert c.totals.failures == 1 and c.totals.retries == 0
 
 
+def test_a_200_that_is_not_json_is_a_clear_error():
+    app, srv = serve([{"status": 200, "body_text": "<html>proxy error</html>"}])
+    with srv, client(srv.url) as c:
+        with pytest.raises(LLMRequestError, match="not JSON.*proxy error") as e:
+            c.chat(HELLO)
+    assert e.value.status == 200 and c.totals.failures == 1
+
+
+def test_async_clients_do_not_outlive_their_event_loops():
+    app, srv = serve([ok()])
+    with srv, client(srv.url) as c:
+        for _ in range(3):
+            assert asyncio.run(c.achat(HELLO)).content
+            assert len(c._loops) == 1  # the closed loops of earlier runs were dropped
+
+
 def test_timeout_is_retried():
     app, srv = serve([ok(delay=2.0), ok()])
     with srv, client(srv.url, timeout=0.3) as c:

@@ -97,6 +97,10 @@ def test_local_cache(tmp_path, client):
     b = c.chat(HELLO_Q)
     assert not a.cached and b.cached and b.content == a.content == HELLO_A
     assert c.totals.cached == 1 and c.totals.completion_tokens == a.usage.completion_tokens
+    many = c.chat_many([{"messages": HELLO_Q}, {"messages": [{"role": "user", "content": "What is 2 + 2?"}]}])
+    assert many[0].cached and many[0].content == HELLO_A and not many[1].cached  # the batch reads the cache
+    again = c.chat_many([{"messages": [{"role": "user", "content": "What is 2 + 2?"}]}])
+    assert again[0].cached and again[0].content == many[1].content  # ... and writes it
 
 
 def test_schema_grammar_accepts_and_rejects():

@@ -343,8 +343,10 @@ def test_fp8_block_quantised_weights_dequantise(tmp_path):
 def test_save_is_atomic_and_keeps_side_files(saved_nano):
     model, d = saved_nano
     (d / "tokenizer.json").write_text("{}")
+    (d / "original").mkdir(exist_ok=True)
+    (d / "original" / "notes.txt").write_text("kept")
     model.save_pretrained(d)
-    assert (d / "tokenizer.json").exists()
+    assert (d / "tokenizer.json").exists() and (d / "original" / "notes.txt").read_text() == "kept"
     assert not list(d.parent.glob(".ckpt.tmp-*"))
     loaded = openk2.from_pretrained(d)
     ids = torch.randint(3, 100, (1, 8))

@@ -650,3 +650,17 @@ def test_compiled_newton_schulz_matches_eager():
     start, b, _ = _run_pair(shapes, 2, True, ns_dtype=torch.float32)
     for x, y in zip(a, b):
         assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_gpt_oss_fused_experts_are_not_split_and_expert_biases_use_adamw():
+    """GPT-OSS stores gate_up as [E, H, 2I]: splitting its dim -2 would cut H in half. Its [E, n] biases are vectors."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GptOssConfig(hidden_size=48, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                    num_key_value_heads=1, head_dim=24, num_local_experts=4, vocab_size=64,
+                                    num_experts_per_tok=2)
+    model = transformers.GptOssForCausalLM(cfg)
+    groups = param_groups(model)
+    where = {n: g for g in groups for n, _ in g["params"]}
+    gu = "model.layers.0.mlp.experts.gate_up_proj"
+    assert where[gu]["use_muon"] and where[gu].get("ns_split") is None
+    assert not where[gu + "_bias"]["use_muon"] and not where["model.layers.0.mlp.experts.down_proj_bias"]["use_muon"]

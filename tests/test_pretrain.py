@@ -227,3 +227,40 @@ def test_every_setting_has_one_flag_and_flags_override_the_config_file(tmp_path)
     assert (cfg.lr, cfg.seq_len, cfg.max_steps, cfg.progress, cfg.qk_clip_tau) == (0.02, 64, 7, False, None)
     assert cfg.betas == (0.8, 0.9) and cfg.model_overrides == {"num_hidden_layers": 2}
     assert config_from_args(p.parse_args([])) == TrainConfig()
+
+
+def test_rerunning_a_finished_run_prints_the_same_result(tmp_path, data_dir):
+    cfg = _cfg(tmp_path, data_dir, run_name="again", max_steps=3)
+    first = pretrain(cfg, log=lambda *a: None)
+    lines = []
+    second = pretrain(cfg, log=lines.append)  # resumes at the last step: nothing to train
+    assert second["val_loss"] == first["val_loss"] and second["steps"] == 3
+    assert any("validation loss" in x for x in lines)
+    finals = [x for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if '"final": true' in x]
+    assert len(finals) == 1
+
+
+def test_checkpoint_keeps_fp32_optimizer_state_of_bf16_parameters(tmp_path):
+    """DCP casts into its load target: targets take the saved dtype, so fp32 masters and moments stay fp32."""
+    from torch import nn
+
+    from openk2.optim import MuonClip
+    from openk2.train.checkpoint import load_training_state, save_training_state
+
+    def make():
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Linear(16, 16, bias=False), nn.LayerNorm(16)).to(torch.bfloat16)
+        return m, MuonClip(m.named_parameters(), lr=1e-2, master_weights=True)
+
+    model, opt = make()
+    model(torch.randn(4, 16, dtype=torch.bfloat16)).float().pow(2).sum().backward()
+    opt.step()
+    saved = {id(p): {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
+    assert any(v.dtype == torch.float32 and v.dim() > 0 for s in saved.values() for v in s.values())
+    save_training_state(tmp_path / "step_0000001", model, opt, {"step": 1, "data": {}, "train_config": {}})
+    model2, opt2 = make()
+    load_training_state(tmp_path / "step_0000001", model2, opt2)
+    for (p, s), p2 in zip(opt.state.items(), [q for g in opt2.param_groups for q in g["params"]]):
+        for k, v in s.items():
+            w = opt2.state[p2][k]
+            assert w.dtype == v.dtype and torch.equal(w.cpu(), v.cpu()), k

@@ -67,3 +67,10 @@ def test_generate_engine_and_constraint_use_the_shared_sampler():
 
     assert generate.sample_next is sample_next and engine.sample_next is sample_next
     assert constrained.sampling_probs is sampling_probs
+
+
+def test_top_p_zero_keeps_the_most_likely_token():
+    probs = torch.tensor([[0.2, 0.5, 0.3], [0.6, 0.1, 0.3]])
+    kept = top_p_filter(probs, 0.0)
+    assert torch.equal(kept > 0, torch.tensor([[False, True, False], [True, False, False]]))
+    assert torch.equal(sample_next(probs.log(), temperature=1.0, top_p=0.0), torch.tensor([1, 0]))

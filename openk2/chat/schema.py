@@ -2,8 +2,8 @@
 
 One place for what the server (request validation, constrained decoding), the
 LLM clients (validate-and-retry) and the tool-call parser all need.
-``jsonschema`` (the ``serve`` extra) is imported only when a check runs, so
-SFT data preparation does not need it.
+``jsonschema`` (a core dependency) is imported only when a check runs, so
+importing the chat format stays cheap.
 """
 
 from __future__ import annotations

@@ -189,14 +189,32 @@ class LLMClient:
         req = self._request(messages, tools, tool_choice, json_schema, response_format, max_tokens, temperature, top_p, stop, seed)
         if req.json_schema is None:
             return self._chat_once(req)
+        return self._until_valid(req)
+
+    def _until_valid(self, req: ChatRequest, first: ChatResponse | None = None) -> ChatResponse:
+        """Ask again, with the validation error as feedback, until the reply matches the schema (sync).
+
+        `first`: a reply to `req` already in hand (it counts as the first try)."""
+        resp, why = first, ""
         for _ in range(self.schema_retries + 1):
-            resp = self._chat_once(req)
-            value, why = check_json(resp.content, req.json_schema)
-            if why is None:
-                resp.parsed = value
+            resp = self._chat_once(req) if resp is None else resp
+            req, why = self._check(req, resp)
+            if not why:
                 return resp
-            req = self._retry_request(req, resp, why)
-        raise StructuredOutputError(f"no schema-valid JSON after {self.schema_retries + 1} tries: {why}", resp.content or "")
+            resp = None
+        raise self._gave_up(why, req)
+
+    def _check(self, req: ChatRequest, resp: ChatResponse) -> tuple[ChatRequest, str]:
+        """("", same request) with `resp.parsed` set if the reply is valid, else (the next request, why not)."""
+        value, why = check_json(resp.content, req.json_schema)
+        if why is None:
+            resp.parsed = value
+            return req, ""
+        return self._retry_request(req, resp, why), why
+
+    def _gave_up(self, why: str, req: ChatRequest) -> StructuredOutputError:
+        last = next((m.get("content") for m in reversed(req.messages) if m.get("role") == "assistant"), "")
+        return StructuredOutputError(f"no schema-valid JSON after {self.schema_retries + 1} tries: {why}", last or "")
 
     async def achat(
         self,
@@ -215,14 +233,13 @@ class LLMClient:
         req = self._request(messages, tools, tool_choice, json_schema, response_format, max_tokens, temperature, top_p, stop, seed)
         if req.json_schema is None:
             return await self._achat_once(req)
+        why = ""
         for _ in range(self.schema_retries + 1):
             resp = await self._achat_once(req)
-            value, why = check_json(resp.content, req.json_schema)
-            if why is None:
-                resp.parsed = value
+            req, why = self._check(req, resp)
+            if not why:
                 return resp
-            req = self._retry_request(req, resp, why)
-        raise StructuredOutputError(f"no schema-valid JSON after {self.schema_retries + 1} tries: {why}", resp.content or "")
+        raise self._gave_up(why, req)
 
     def chat_many(self, requests: Sequence[dict[str, Any]]) -> list[ChatResponse | Exception]:
         """Run many ``chat`` calls concurrently (each a dict of ``chat`` keyword

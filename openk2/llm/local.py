@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from openk2.chat.schema import check_json, response_schema
+from openk2.chat.schema import response_schema
 from openk2.llm.base import ChatRequest, ChatResponse, LLMClient, LLMRequestError, Usage
 from openk2.llm.cache import DiskCache, cache_key
 from openk2.serve.backends import ChatModel, load_chat_model
@@ -80,7 +80,7 @@ class LocalClient(LLMClient):
     def _chat_once(self, req: ChatRequest) -> ChatResponse:
         key = self._key(req)
         if key is not None and (hit := self.cache.get(key)) is not None:
-            resp = ChatResponse(**{**hit, "usage": Usage(**hit["usage"]), "cached": True})
+            resp = self._from_cache(hit)
             self._account(resp)
             return resp
         gen, plan = self._prepare(req)
@@ -94,8 +94,9 @@ class LocalClient(LLMClient):
 
     # -- many requests, one batch
     def chat_many(self, requests: Sequence[dict[str, Any]]) -> list[ChatResponse | Exception]:
-        """Decode all requests together (in batches of ``max_batch_size``); schema
-        failures are retried one by one through ``chat``."""
+        """Decode all requests together (in batches of ``max_batch_size``); cached replies are
+        not decoded again; a reply that fails its schema is retried one by one with the
+        validation error as feedback (as ``chat`` does)."""
         out: list[ChatResponse | Exception | None] = [None] * len(requests)
         prepared = []
         for i, kw in enumerate(requests):
@@ -106,6 +107,10 @@ class LocalClient(LLMClient):
                                     kw.pop("temperature", 0.0), kw.pop("top_p", 1.0), kw.pop("stop", None), kw.pop("seed", None))
                 if kw:
                     raise TypeError(f"unexpected arguments: {', '.join(kw)}")
+                key = self._key(req)
+                if key is not None and (hit := self.cache.get(key)) is not None:
+                    out[i] = self._finish_many(req, self._from_cache(hit), key=None)
+                    continue
                 gen, plan = self._prepare(req)
                 prepared.append((i, req, gen, plan))
             except Exception as e:
@@ -116,18 +121,22 @@ class LocalClient(LLMClient):
                 generate_batch(self.chat_model, [g for _, _, g, _ in chunk])
             for i, req, gen, plan in chunk:
                 try:
-                    resp = self._response(req, gen, plan)
-                    self._account(resp)
-                    if req.json_schema is not None:
-                        value, why = check_json(resp.content, req.json_schema)
-                        if why is not None:
-                            resp = self.chat(**{**requests[i]})  # the retry loop with feedback
-                        else:
-                            resp.parsed = value
-                    out[i] = resp
+                    out[i] = self._finish_many(req, self._response(req, gen, plan), key=self._key(req))
                 except Exception as e:
                     out[i] = e
         return out  # type: ignore[return-value]
+
+    def _finish_many(self, req: ChatRequest, resp: ChatResponse, key: str | None) -> ChatResponse:
+        if key is not None:
+            self.cache.put(key, {**resp.__dict__, "usage": resp.usage.__dict__})
+        self._account(resp)
+        if req.json_schema is None:
+            return resp
+        return self._until_valid(req, first=resp)  # further tries continue with the validation error
+
+    @staticmethod
+    def _from_cache(hit: dict) -> ChatResponse:
+        return ChatResponse(**{**hit, "usage": Usage(**hit["usage"]), "cached": True})
 
     def complete(self, prompt: str, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  stop: Sequence[str] | None = None, seed: int | None = None) -> ChatResponse:

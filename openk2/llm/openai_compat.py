@@ -102,7 +102,9 @@ class OpenAICompatClient(LLMClient):
         self.schema_retries = schema_retries
         self._sync_sem = threading.BoundedSemaphore(max_concurrency)
         self._sync_client: Any = None
-        self._loops: dict[int, tuple[Any, asyncio.Semaphore]] = {}
+        # one SDK client + semaphore per event loop; those of closed loops (each asyncio.run() makes one)
+        # are dropped on the next call
+        self._loops: dict[asyncio.AbstractEventLoop, tuple[Any, asyncio.Semaphore]] = {}
 
     # -- plumbing
     def _sdk_kwargs(self) -> dict[str, Any]:
@@ -121,10 +123,12 @@ class OpenAICompatClient(LLMClient):
         import openai
 
         loop = asyncio.get_running_loop()
-        state = self._loops.get(id(loop))
+        for old in [x for x in self._loops if x.is_closed()]:
+            del self._loops[old]
+        state = self._loops.get(loop)
         if state is None or state[0].is_closed():
             state = (openai.AsyncOpenAI(**self._sdk_kwargs()), asyncio.Semaphore(self.max_concurrency))
-            self._loops[id(loop)] = state
+            self._loops[loop] = state
         return state
 
     @staticmethod
@@ -140,7 +144,12 @@ class OpenAICompatClient(LLMClient):
         return key, (response_from_openai(hit, cached=True) if hit is not None else None)
 
     def _finish(self, raw: Any, key: str | None) -> ChatResponse:
-        data = json.loads(raw.text)
+        try:
+            data = json.loads(raw.text)
+        except json.JSONDecodeError as e:
+            self._account(ChatResponse(None), _retries_of(raw.http_request), failed=True)
+            raise LLMRequestError(f"{self.base_url}: HTTP {raw.status_code} with a body that is not JSON "
+                                  f"({e.msg}): {raw.text[:200]!r}", status=raw.status_code, body=raw.text) from None
         resp = response_from_openai(data)
         if self.cache is not None and key is not None:
             self.cache.put(key, data)
@@ -224,7 +233,7 @@ class OpenAICompatClient(LLMClient):
 
     async def aclose(self) -> None:
         """Close this event loop's HTTP client (call before the loop ends)."""
-        state = self._loops.pop(id(asyncio.get_running_loop()), None)
+        state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is not None:
             await state[0].close()
 

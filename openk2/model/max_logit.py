@@ -157,7 +157,7 @@ def max_logit(query: torch.Tensor, key: torch.Tensor, scale: float, causal: bool
                         if mb.dtype == torch.bool:
                             logits.masked_fill_(mb.logical_not(), float("-inf"))
                         else:
-                            logits.add_(mb.to(logits.dtype))
+                            logits.add_(mb)  # cast on the fly: no fp32 copy of a bf16 mask tile
                     torch.maximum(best, logits.amax(dim=(0, 2, 3)), out=best)
                     del logits, k
             torch.maximum(out[h0:h1], best, out=out[h0:h1])

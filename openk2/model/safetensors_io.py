@@ -73,10 +73,12 @@ def write_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         shards[-1][name] = t
         size += nbytes
     with atomic_dir(path) as tmp:
-        if path.exists():  # keep side files (tokenizer, generation config, ...)
+        if path.exists():  # keep side files and folders (tokenizer, generation config, ...)
             for f in path.iterdir():
-                if f.is_file() and not (f.name.endswith(".safetensors") or f.name in ("config.json", INDEX)):
-                    shutil.copy2(f, tmp / f.name)
+                if f.is_dir():
+                    shutil.copytree(f, tmp / f.name, symlinks=True)
+                elif not (f.name.endswith(".safetensors") or f.name in ("config.json", INDEX)):
+                    shutil.copy2(f, tmp / f.name, follow_symlinks=False)
         atomic_write(tmp / "config.json", json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         n = len(shards)
         weight_map, total = {}, 0

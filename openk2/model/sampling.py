@@ -17,6 +17,7 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_p, sorted_idx = probs.sort(-1, descending=True)
     # a token is dropped when the mass strictly before it already reaches top_p
     drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+    drop[..., 0] = False  # the most likely token always stays (top_p <= 0 is greedy, not empty)
     return torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_p.masked_fill(drop, 0.0))
 
 

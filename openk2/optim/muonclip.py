@@ -42,8 +42,9 @@ _ADAMW_MODULES = re.compile(
 
 
 def is_muon_param(name: str, p: torch.Tensor) -> bool:
-    """The default rule: 2-D matrices and 3-D [E, n, m] expert stacks, except embeddings, heads and routers."""
-    if p.ndim not in (2, 3) or min(p.shape[-2:]) < 2:
+    """The default rule: 2-D matrices and 3-D [E, n, m] expert stacks, except embeddings, heads, routers
+    and biases (a stacked expert bias [E, n] is a set of vectors, not a matrix)."""
+    if p.ndim not in (2, 3) or min(p.shape[-2:]) < 2 or name.endswith("bias"):
         return False
     return _ADAMW_MODULES.search(name) is None
 
@@ -89,13 +90,17 @@ def _fused_gate_up(name: str, p: torch.Tensor, module: nn.Module | None = None) 
     """transformers-5 fused expert gate and up weights, [E, 2I, H] (first I rows gate, last I up).
 
     Muon orthogonalises them as two [I, H] matrices per expert, as openk2's own stacked gate_proj /
-    up_proj (and Moonlight) do. With the owning module at hand its `intermediate_dim` confirms the
-    layout; other layouts ([E, H, 2I]: GPT-OSS, Aria) are then left whole.
+    up_proj (and Moonlight) do. With the owning module at hand, its intermediate size (`intermediate_dim`,
+    or `intermediate_size`) must confirm the layout, else the tensor is left whole: other layouts
+    ([E, H, 2I]: GPT-OSS, Aria) are never split along H. Without the module (a bare named-parameter list)
+    the transformers DeepSeek-V3 layout is assumed.
     """
     if not name.endswith("gate_up_proj") or p.ndim != 3 or p.shape[-2] % 2:
         return False
-    inter = getattr(module, "intermediate_dim", None) if module is not None else None
-    return inter is None or p.shape[-2] == 2 * inter
+    if module is None:
+        return True
+    inter = getattr(module, "intermediate_dim", None) or getattr(module, "intermediate_size", None)
+    return isinstance(inter, int) and p.shape[-2] == 2 * inter
 
 
 def _fused_adamw_devices() -> tuple[str, ...]:

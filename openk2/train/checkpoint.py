@@ -33,18 +33,11 @@ import torch
 from torch import nn
 
 from openk2.errors import CheckpointError
+from openk2.train.parallel import rank_world as _dist
 from openk2.utils import atomic_torch_save
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 TRAINER_FILE = "trainer.pt"
-
-
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:
@@ -289,7 +282,10 @@ def load_training_state(path: Path, model: nn.Module, optimizer) -> dict:
             raise CheckpointError(f"{path}: optimizer state for unknown parameter {pname}")
         p = by_name[pname]
         size = getattr(md, "size", None)
-        like = entries.wrap(pname, torch.zeros_like(p.detach()))  # global shape (experts: all ranks' rows)
+        # the saved dtype, not the parameter's: DCP casts into its target silently (fp32 moments and master
+        # weights of bf16 parameters must come back in fp32); global shape (experts: all ranks' rows)
+        dtype = md.properties.dtype if size is not None else p.dtype
+        like = entries.wrap(pname, torch.zeros_like(p.detach(), dtype=dtype))
         if size is None:  # a non-tensor value
             targets[key] = None
         elif tuple(size) == tuple(like.shape):

@@ -21,7 +21,8 @@ from openk2.model.transformer import K2ForCausalLM, build_model
 from openk2.train.checkpoint import latest_checkpoint, read_trainer_state
 from openk2.train.config import TrainConfig
 from openk2.train.flops import train_flops_per_token
-from openk2.train.trainer import Trainer
+from openk2.train.parallel import rank_world as _dist
+from openk2.train.trainer import Trainer, resolve_precision
 
 __all__ = ["TrainConfig", "pretrain", "prepare_data", "model_config", "build_optimizer", "latest_checkpoint"]
 
@@ -31,14 +32,6 @@ RESUME_MUST_MATCH = ("preset", "model_overrides", "seq_len", "batch_size", "opti
 
 
 # ------------------------------------------------------------------ helpers
-def _dist():
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def prepare_data(cfg: TrainConfig, progress: bool = True):
     """Tokenizer + token shards for cfg (built once, reused by later runs). Returns (tokenizer, data_dir)."""
     from openk2.data.dataset import build_dataset
@@ -80,8 +73,11 @@ def _no_decay(p: torch.Tensor) -> bool:
     return p.dim() < 2
 
 
-def build_optimizer(model: K2ForCausalLM, cfg: TrainConfig):
-    """AdamW (the baseline) or MuonClip; both decay matrices, embeddings and the head, not norms or biases."""
+def build_optimizer(model: K2ForCausalLM, cfg: TrainConfig, ns_matmul: str = "auto"):
+    """AdamW (the baseline) or MuonClip; both decay matrices, embeddings and the head, not norms or biases.
+
+    `ns_matmul`: Newton-Schulz arithmetic ("auto" measures; the trainer passes the run's fixed choice).
+    """
     if cfg.optimizer == "adamw":
         decay = [p for p in model.parameters() if p.requires_grad and not _no_decay(p)]
         no_decay = [p for p in model.parameters() if p.requires_grad and _no_decay(p)]
@@ -101,7 +97,7 @@ def build_optimizer(model: K2ForCausalLM, cfg: TrainConfig):
         groups += [{**g, "params": no_decay, "weight_decay": 0.0}] if no_decay else []
     qk = None if cfg.qk_clip_tau is None else QKClip.from_model(model, tau=cfg.qk_clip_tau, alpha=cfg.qk_clip_alpha)
     return MuonClip(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas,
-                    qk_clip=qk, ns_dtype=getattr(torch, cfg.muon_ns_dtype))
+                    qk_clip=qk, ns_dtype=getattr(torch, cfg.muon_ns_dtype), ns_matmul=ns_matmul)
 
 
 def validation_fn(data_dir, cfg: TrainConfig):
@@ -120,7 +116,7 @@ def validation_fn(data_dir, cfg: TrainConfig):
             total += loss.item() * k
             n += k
         if world > 1:
-            t = torch.tensor([total, n], dtype=torch.float64)
+            t = torch.tensor([total, n], dtype=torch.float64, device=trainer.device)
             torch.distributed.all_reduce(t)
             total, n = float(t[0]), float(t[1])
         return {"val_loss": total / n}
@@ -155,8 +151,10 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
     if world > 1:
         torch.distributed.barrier()
     ckpt = latest_checkpoint(cfg.run_dir) if resume else None
+    saved_precision = None
     if ckpt is not None:
         _check_resumable(ckpt, cfg)
+        saved_precision = read_trainer_state(ckpt).get("precision")
     if is_main:
         from openk2.utils import atomic_write
 
@@ -171,10 +169,11 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
     model = maybe_parallelize(model)
     model.train()
     model.set_track_max_logit(cfg.track_max_logit or (cfg.optimizer == "muonclip" and cfg.qk_clip_tau is not None))
-    opt = build_optimizer(model, cfg)
+    precision = resolve_precision(cfg, next(model.parameters()).device, saved_precision)
+    opt = build_optimizer(model, cfg, ns_matmul=precision["ns_matmul"])
     data = PackedDataset(data_dir, "train", cfg.seq_len, cfg.mixture, seed=cfg.seed, rank=rank, world_size=world)
     trainer = Trainer(model, opt, cfg, data, evaluate_fn=validation_fn(data_dir, cfg),
-                      flops_per_token=train_flops_per_token(mcfg, cfg.seq_len), log=log, name="pretrain")
+                      flops_per_token=train_flops_per_token(mcfg, cfg.seq_len), precision=precision, name="pretrain")
     if ckpt is not None:
         trainer.load(ckpt)
         if is_main:
@@ -186,7 +185,8 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
             f"vocab {mcfg.vocab_size}; optimizer {cfg.optimizer}"
             + (f" (QK-Clip tau={cfg.qk_clip_tau:g})" if cfg.optimizer == "muonclip" and cfg.qk_clip_tau else "")
             + f"; up to {cfg.max_steps} steps x {cfg.batch_size * cfg.seq_len:,} tokens{budget}; "
-              f"{str(trainer.dtype).removeprefix('torch.')} matmuls; world size {world}")
+              f"{precision['dtype']} matmuls" + (f", Newton-Schulz on {precision['ns_matmul']} units"
+                                                 if cfg.optimizer == "muonclip" else "") + f"; world size {world}")
     result = trainer.fit(resumed=ckpt is not None, stop_after=stop_after)
     if "stopped_at" in result:
         return result
@@ -222,5 +222,6 @@ def _finish(model_state, tok, data_dir, cfg: TrainConfig, mcfg: K2Config, traine
         summary["plots"] = [str(p) for p in plot_run(cfg.run_dir)]
     short = "" if trainer.step == cfg.max_steps else f" (time budget: {cfg.max_steps} planned)"
     log(f"trained on {trainer.tokens:,} tokens in {trainer.step} steps{short}, {trainer.elapsed / 60:.1f} min")
-    log(f"validation loss {val_loss:.4f} nats/token (unigram baseline {base:.4f}); HF checkpoint: {hf_dir}")
+    val = f"{val_loss:.4f}" if val_loss is not None else "n/a"
+    log(f"validation loss {val} nats/token (unigram baseline {base:.4f}); HF checkpoint: {hf_dir}")
     return summary

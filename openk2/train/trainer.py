@@ -31,6 +31,7 @@ from torch import nn
 
 from openk2.model.loss import IGNORE_INDEX
 from openk2.train.config import TrainConfig
+from openk2.train.parallel import rank_world as _dist
 from openk2.train.schedule import StepBudget, wsd_lr
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, int]]
@@ -52,14 +53,6 @@ def lm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
     return loss, int((targets != IGNORE_INDEX).sum())
 
 
-def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _to(batch, device):
     if isinstance(batch, dict):
         return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -77,6 +70,31 @@ def autocast_dtype(setting: str, device: torch.device) -> torch.dtype:
     return fastest_matmul_dtype(device.type)
 
 
+def resolve_precision(cfg: TrainConfig, device: torch.device, saved: dict | None = None) -> dict:
+    """The run's measured choices, fixed once: {"dtype": autocast dtype, "ns_matmul": Newton-Schulz arithmetic}.
+
+    "auto" settings are measured on rank 0 and broadcast, so every rank computes with the same arithmetic
+    (ranks timing their own micro-benchmarks on shared cores could disagree); a resumed run reuses the
+    choices saved in its checkpoint (`saved`), so resuming never changes the numerics.
+    """
+    if saved:
+        return dict(saved)
+    from openk2.optim.newton_schulz import matmul_dtype_for
+
+    rank, world = _dist()
+    out = None
+    if rank == 0:
+        dtype = autocast_dtype(cfg.dtype, device)
+        ns = getattr(torch, cfg.muon_ns_dtype)
+        out = {"dtype": str(dtype).removeprefix("torch."),
+               "ns_matmul": "native" if matmul_dtype_for(device, ns, "auto") == ns else "fp32"}
+    if world > 1:
+        box = [out]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = box[0]
+    return out
+
+
 class Trainer:
     """Trains `model` with `optimizer` on `data` under the settings of `cfg` (see the module docstring).
 
@@ -87,21 +105,25 @@ class Trainer:
     number of targets `loss_fn` averages over (known before the forward pass,
     so that the loss scale of every micro-batch is known). `flops_per_token` (the
     model's training FLOPs per target token) turns throughput into MFU.
+    `precision` is `resolve_precision`'s result (measured when not given); it is
+    saved with every checkpoint. `elapsed` counts the training wall time:
+    steps, evaluations and checkpoint saves (what a time budget spends).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, data, *,
                  loss_fn: LossFn = lm_loss, evaluate_fn: Callable[["Trainer"], dict] | None = None,
                  flops_per_token: float | None = None, run_dir: str | Path | None = None,
                  count_fn: Callable[[Any], int] = lambda b: int((lm_targets(b) != IGNORE_INDEX).sum()),
-                 log: Callable[[str], None] = print, name: str = "train"):
+                 precision: dict | None = None, name: str = "train"):
         self.model, self.optimizer, self.cfg, self.data = model, optimizer, cfg, data
         self.count_fn = count_fn
-        self.loss_fn, self.evaluate_fn, self.log, self.name = loss_fn, evaluate_fn, log, name
+        self.loss_fn, self.evaluate_fn, self.name = loss_fn, evaluate_fn, name
         self.run_dir = Path(run_dir) if run_dir is not None else cfg.run_dir
         self.rank, self.world = _dist()
         self.is_main = self.rank == 0
         self.device = next(model.parameters()).device
-        self.dtype = autocast_dtype(cfg.dtype, self.device)
+        self.precision = precision or resolve_precision(cfg, self.device)
+        self.dtype = getattr(torch, self.precision["dtype"])
         self.flops_per_token = flops_per_token
         self.peak_flops = None
         if flops_per_token:
@@ -137,18 +159,20 @@ class Trainer:
 
     def forward_backward(self, micro_batches: list) -> dict:
         """Loss and gradients of one step; returns {"loss": global mean, "targets": global target count}."""
-        total = torch.tensor(float(sum(self.count_fn(b) for b in micro_batches)), dtype=torch.float64)
+        # reductions on the model's device (NCCL has no CPU tensors)
+        total = torch.tensor(float(sum(self.count_fn(b) for b in micro_batches)), dtype=torch.float64,
+                             device=self.device)
         if self.world > 1:
             torch.distributed.all_reduce(total)
         n_global = float(total)
-        loss_sum = torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for b in micro_batches:
             with self.autocast():
                 loss, n = self.loss_fn(self.model, b)
             if n_global > 0:
                 # FSDP averages gradients over ranks: scale by world / N_global for the global mean
                 (loss * (n * self.world / n_global)).backward()
-            loss_sum += loss.detach().double().cpu() * n
+            loss_sum += loss.detach().double() * n
         if self.world > 1:
             torch.distributed.all_reduce(loss_sum)
         return {"loss": float(loss_sum) / max(n_global, 1.0), "targets": int(n_global)}
@@ -224,7 +248,8 @@ class Trainer:
     # --------------------------------------------------------- checkpoint
     def state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "data": self.data.state_dict(),
-                "budget": self.budget.state_dict(), "train_config": self.cfg.to_dict()}
+                "budget": self.budget.state_dict(), "precision": self.precision, "last_eval": self.last_eval,
+                "train_config": self.cfg.to_dict()}
 
     def save(self) -> Path:
         from openk2.train.checkpoint import save_training_state
@@ -241,6 +266,7 @@ class Trainer:
         self.step, self.tokens, self.elapsed = st["step"], st["tokens"], st.get("elapsed", 0.0)
         if "budget" in st:
             self.budget.load_state_dict(st["budget"])
+        self.last_eval = dict(st.get("last_eval") or {})
 
     # ------------------------------------------------------------ metrics
     def _start_metrics(self, resumed: bool) -> None:
@@ -251,7 +277,9 @@ class Trainer:
             self.metrics_path.unlink(missing_ok=True)
         elif self.metrics_path.exists():
             # drop lines written after the checkpoint we resume from (the run died between checkpoints)
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip() and _line_step(ln) <= self.step]
+            # (and the end-of-run line of a finished run: it is written again when the run ends again)
+            keep = [ln for ln in self.metrics_path.read_text().splitlines()
+                    if ln.strip() and _line_step(ln) <= self.step and '"final": true' not in ln]
             from openk2.utils import atomic_write
 
             atomic_write(self.metrics_path, "".join(k + "\n" for k in keep))
@@ -273,6 +301,8 @@ class Trainer:
         cfg = self.cfg
         self._start_metrics(resumed)
         self.model.train()
+        if self.step >= self.budget.total_steps and not self.last_eval:
+            self.evaluate()  # a finished run resumed from a checkpoint saved before any evaluation
         with progress_bar(self.name, self.budget.total_steps, enabled=cfg.progress and self.is_main, info=True,
                           completed=self.step) as bar:
             while self.step < self.budget.total_steps:
@@ -280,7 +310,9 @@ class Trainer:
                 self.budget.update(self.step, self.elapsed)
                 end = self.step >= self.budget.total_steps
                 if self.step % cfg.val_every == 0 or end:
+                    t0 = time.perf_counter()
                     ev = self.evaluate()
+                    self.elapsed += time.perf_counter() - t0
                     row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in ev.items()})
                 if self.step % cfg.log_every == 0 or end or "val_loss" in row:
                     self.write_metrics(row)
@@ -289,7 +321,9 @@ class Trainer:
                            info=f"loss {row['loss']:.3f}" + (f" val {val:.3f}" if val is not None else "")
                                 + f" {row['tokens_per_s']:.0f} tok/s")
                 if self.step % cfg.ckpt_every == 0 or end:
+                    t0 = time.perf_counter()
                     self.save()
+                    self.elapsed += time.perf_counter() - t0  # the next checkpoint records it
                 if stop_after is not None and self.step >= stop_after and not end:
                     return {"stopped_at": self.step}
         return {"step": self.step, "tokens": self.tokens, "elapsed_s": round(self.elapsed, 2), **self.last_eval}
