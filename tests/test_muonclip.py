@@ -163,8 +163,20 @@ def test_schedules():
 # ------------------------------------------------------------------ partition
 def test_default_partition_of_k2():
     model = build_model(tiny_k2())
-    groups = {g["use_muon"]: set(g["param_names"]) for g in MuonClip.for_model(model, qk_clip_tau=None).param_groups}
+
+    def by_kind(opt):
+        out = {True: set(), False: set()}
+        for g in opt.param_groups:
+            out[g["use_muon"]] |= set(g["param_names"])
+        return out
+
+    opt = MuonClip.for_model(model, qk_clip_tau=None, weight_decay=0.1)
+    groups = by_kind(opt)
     muon, adamw = groups[True], groups[False]
+    # norm gains and biases take no weight decay; matrices, embeddings and the head do
+    shapes = dict(model.named_parameters())
+    for g in opt.param_groups:
+        assert all((g["weight_decay"] == 0.0) == (shapes[n].dim() < 2) for n in g["param_names"])
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.1.mlp.gate.weight", "model.norm.weight",
                  "model.layers.0.self_attn.kv_a_layernorm.weight"):
         assert name in adamw
@@ -173,8 +185,7 @@ def test_default_partition_of_k2():
                  "model.layers.1.mlp.shared_experts.up_proj.weight", "model.layers.0.mlp.down_proj.weight"):
         assert name in muon
     assert muon | adamw == {n for n, _ in model.named_parameters()}
-    named = {g["use_muon"]: set(g["param_names"]) for g in MuonClip(model.named_parameters()).param_groups}
-    assert named == groups
+    assert by_kind(MuonClip(model.named_parameters())) == groups
 
 
 def test_fused_gate_up_experts_are_orthogonalised_as_gate_and_up():

@@ -55,7 +55,10 @@ def param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]
     AdamW: nn.Embedding weights, the output head (get_output_embeddings() or
     a module named lm_head/output/head) and anything tied to them, router
     weights (openk2 MoE `gate`, HF `...mlp.gate`), norms, biases, [1, n]
-    vectors. Muon: every other 2-D or 3-D parameter.
+    vectors. Muon: every other 2-D or 3-D parameter. Parameters of fewer than
+    2 dims (norm gains, biases) get their own AdamW group with weight_decay 0,
+    the usual AdamW practice, so a MuonClip run and an AdamW baseline that
+    skips decay on them differ in the optimizer only.
     """
     adamw_ids: set[int] = set()
     for m in model.modules():
@@ -81,8 +84,12 @@ def param_groups(model: nn.Module, **group_options: Any) -> list[dict[str, Any]]
         groups.append({"params": muon, "use_muon": True, **group_options})
     if fused:
         groups.append({"params": fused, "use_muon": True, "ns_split": 2, **group_options})
-    if adamw:
-        groups.append({"params": adamw, "use_muon": False, **group_options})
+    decay = [(n, p) for n, p in adamw if p.ndim >= 2]
+    vectors = [(n, p) for n, p in adamw if p.ndim < 2]
+    if decay:
+        groups.append({"params": decay, "use_muon": False, **group_options})
+    if vectors:
+        groups.append({"params": vectors, "use_muon": False, **group_options, "weight_decay": 0.0})
     return groups
 
 

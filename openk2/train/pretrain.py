@@ -84,20 +84,12 @@ def build_optimizer(model: K2ForCausalLM, cfg: TrainConfig, ns_matmul: str = "au
         return torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr, betas=cfg.betas, eps=1e-8)
-    from openk2.optim import MuonClip, QKClip, param_groups
+    from openk2.optim import MuonClip
 
-    groups = []
-    for g in param_groups(model):
-        if g["use_muon"]:
-            groups.append(g)
-            continue
-        decay = [(n, p) for n, p in g["params"] if not _no_decay(p)]
-        no_decay = [(n, p) for n, p in g["params"] if _no_decay(p)]
-        groups += [{**g, "params": decay}] if decay else []
-        groups += [{**g, "params": no_decay, "weight_decay": 0.0}] if no_decay else []
-    qk = None if cfg.qk_clip_tau is None else QKClip.from_model(model, tau=cfg.qk_clip_tau, alpha=cfg.qk_clip_alpha)
-    return MuonClip(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas,
-                    qk_clip=qk, ns_dtype=getattr(torch, cfg.muon_ns_dtype), ns_matmul=ns_matmul)
+    return MuonClip.for_model(  # its default partition skips decay on < 2-D parameters too
+        model, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, betas=cfg.betas,
+        qk_clip_tau=cfg.qk_clip_tau, qk_clip_alpha=cfg.qk_clip_alpha, ns_dtype=getattr(torch, cfg.muon_ns_dtype),
+        ns_matmul=ns_matmul)
 
 
 def validation_fn(data_dir, cfg: TrainConfig):
