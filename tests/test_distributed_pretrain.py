@@ -26,8 +26,8 @@ STEPS = 4
 def _run(tmp_path, data_dir, name, nproc, optimizer, *extra):
     cfg = tmp_path / "cfg.json"
     # Newton-Schulz in fp32: 1 vs 2 ranks differ only by the order of fp32 sums (FSDP's reduce-scatter),
-    # not by bf16 roundings that such a difference can flip; the bf16 path is covered bit for bit by
-    # tests/test_muonclip_distributed.py (sharded == unsharded given the same gradients)
+    # not by bf16 roundings that such a difference can flip; the bf16 path is covered by
+    # tests/test_muonclip_distributed.py (sharded == unsharded given the same gradients, within 1e-4)
     cfg.write_text(json.dumps({"corpus": "tiny", "vocab_size": 1024, "val_batches": 2, "plots": False,
                                "model_overrides": OVERRIDES, "muon_ns_dtype": "float32", "time_budget_min": 0}))
     args = ["-m", "openk2.cli", "pretrain", "--config", str(cfg), "--preset", "k2-nano", "--data-dir", str(data_dir),

@@ -28,4 +28,8 @@ def test_fsdp2_muonclip_equals_single_process():
         stdout, stderr = proc.communicate()
         pytest.fail(f"torchrun timed out\n{stdout[-2000:]}\n{stderr[-2000:]}")
     assert proc.returncode == 0 and "\nOK" in "\n" + stdout, (stdout + stderr)[-4000:]
-    assert "reference grads: max |fsdp - single| / max |update| = 0.00e+00" in stdout, stdout
+    # each case is within its tolerance (the script checks; "OK" above). Equal to the bit with AVX512/AMX
+    # kernels (0.00e+00 measured), not with AVX2 kernels (5.3e-7 of the update measured): the matmul
+    # kernels may block the gathered-and-sharded and the single-process products differently, and fp32
+    # sums in another order differ in the last bits, so exact equality is not asserted
+    assert "reference grads: max |fsdp - single| / max |update|" in stdout, stdout
