@@ -177,7 +177,7 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
             f"vocab {mcfg.vocab_size}; optimizer {cfg.optimizer}"
             + (f" (QK-Clip tau={cfg.qk_clip_tau:g})" if cfg.optimizer == "muonclip" and cfg.qk_clip_tau else "")
             + f"; up to {cfg.max_steps} steps x {cfg.batch_size * cfg.seq_len:,} tokens{budget}; "
-              f"{precision['dtype']} matmuls" + (f", Newton-Schulz on {precision['ns_matmul']} units"
+              f"{precision['dtype']} matmuls" + (f", Newton-Schulz {_ns_words(cfg, precision)}"
                                                  if cfg.optimizer == "muonclip" else "") + f"; world size {world}")
     result = trainer.fit(resumed=ckpt is not None, stop_after=stop_after)
     if "stopped_at" in result:
@@ -189,6 +189,12 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
     if world > 1:
         torch.distributed.barrier()
     return summary
+
+
+def _ns_words(cfg: TrainConfig, precision: dict) -> str:
+    if cfg.muon_ns_dtype == "float32":
+        return "in fp32"
+    return "in bf16" + (" matmuls" if precision["ns_matmul"] == "native" else " values on fp32 matmuls")
 
 
 def _finish(model_state, tok, data_dir, cfg: TrainConfig, mcfg: K2Config, trainer: Trainer, log) -> dict:
