@@ -1,4 +1,5 @@
-"""K2 chat format: golden render strings, SFT loss masks, tool-call parsing incl. malformed output."""
+"""K2 chat format: golden render strings (openk2's default template, k2-instruct-0905), SFT loss masks,
+tool-call parsing incl. malformed output. tests/test_chat_template.py checks the renderer against the Jinja templates."""
 
 import json
 import sys
@@ -48,17 +49,18 @@ CONVERSATION = [
 ]
 
 GOLDEN = (
-    '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather",'
-    '"description":"Current weather","parameters":{"type":"object","properties":{"city":{"type":"string"},'
-    '"unit":{"type":"string","enum":["c","f"]}},"required":["city"]}}}]<|im_end|>'
+    '<|im_system|>tool_declare<|im_middle|>\n  # Tools\n  [{"type": "function", "function": {"name": "get_weather", '
+    '"description": "Current weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}, '
+    '"unit": {"type": "string", "enum": ["c", "f"]}}, "required": ["city"]}}}]<|im_end|>'
     "<|im_system|>system<|im_middle|>You are a helpful agent.<|im_end|>"
     "<|im_user|>user<|im_middle|>Weather in Paris?<|im_end|>"
     "<|im_assistant|>assistant<|im_middle|>Let me check."
     "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
     '{"city": "Paris"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
-    '<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n{"temp_c": 21}<|im_end|>'
+    '<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\n    {"temp_c": 21}<|im_end|>'
     "<|im_assistant|>assistant<|im_middle|>It is 21 C in Paris.<|im_end|>"
 )
+KIMI = "<|im_system|>system<|im_middle|>You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>"
 
 
 def test_render_golden_tool_conversation():
@@ -68,7 +70,7 @@ def test_render_golden_tool_conversation():
 def test_render_plain_chat_with_generation_prompt():
     msgs = [{"role": "user", "content": "Hi"}]
     assert render(msgs, add_generation_prompt=True) == (
-        "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+        KIMI + "<|im_user|>user<|im_middle|>Hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
     )
     assert GENERATION_PROMPT == "<|im_assistant|>assistant<|im_middle|>"
 
@@ -84,7 +86,7 @@ def test_render_ids_count_over_the_conversation_and_dict_arguments():
                 {"id": "b", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}},
             ],
         },
-        {"role": "tool", "tool_call_id": "b", "content": "12"},
+        {"role": "tool", "tool_call_id": "b", "name": "get_weather", "content": "12"},
         {"role": "tool", "tool_call_id": "a", "content": "3"},
         {
             "role": "assistant",
@@ -92,13 +94,13 @@ def test_render_ids_count_over_the_conversation_and_dict_arguments():
         },
     ]
     assert render(msgs) == (
-        "<|im_user|>user<|im_middle|>two cities<|im_end|>"
+        KIMI + "<|im_user|>user<|im_middle|>two cities<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>"
         '<|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"city": "Oslo"}<|tool_call_end|>'
         '<|tool_call_begin|>functions.get_weather:1<|tool_call_argument_begin|>{"city": "Rome"}<|tool_call_end|>'
         "<|tool_calls_section_end|><|im_end|>"
-        "<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:1\n12<|im_end|>"
-        "<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:0\n3<|im_end|>"
+        "<|im_system|>get_weather<|im_middle|>## Return of functions.get_weather:1\n    12<|im_end|>"
+        "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\n    3<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><|tool_calls_section_begin|>"
         "<|tool_call_begin|>functions.get_weather:7<|tool_call_argument_begin|>{}<|tool_call_end|>"
         "<|tool_calls_section_end|><|im_end|>"
@@ -113,7 +115,7 @@ def test_prompt_is_a_prefix_of_the_full_conversation():
 
 def test_content_parts_and_bad_roles():
     assert render([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]) == (
-        "<|im_user|>user<|im_middle|>ab<|im_end|>"
+        KIMI + "<|im_user|>user<|im_middle|>ab<|im_end|>"
     )
     with pytest.raises(ValueError, match="unknown role"):
         render([{"role": "robot", "content": "x"}])

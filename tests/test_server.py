@@ -68,7 +68,7 @@ def test_chat_completion(oai):
     r = oai.chat.completions.create(model=NAME, messages=HELLO_Q, temperature=0)
     assert r.choices[0].message.content == HELLO_A and r.choices[0].finish_reason == "stop"
     assert r.object == "chat.completion" and r.model == NAME
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (17, 16)  # 15 text tokens + <|im_end|>
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (52, 16)  # default system turn + user turn; 15 text tokens + <|im_end|>
 
 
 def test_tool_call_roundtrip(oai):

@@ -5,6 +5,7 @@
 | module | what it does |
 |---|---|
 | ``render``      | a conversation -> K2's string; ``encode_conversation`` -> (ids, SFT loss mask) |
+| ``template``    | the named templates as Jinja (``templates/*.jinja``), a checkpoint's own template, ``render_jinja`` |
 | ``parse``       | a raw completion -> content + OpenAI ``tool_calls`` + every ``ParseError`` |
 | ``tool_choice`` | OpenAI ``tool_choice`` -> a decoding plan (forced prefix, argument schema, banned section) |
 | ``schema``      | JSON schemas: validate a value, a schema, a ``response_format``; check a JSON reply |
@@ -14,19 +15,26 @@ See docs/serving.md section 1.
 
 from openk2.chat.parse import ParseError, ParseResult, ToolCall, format_parse_errors, parse_tool_calls, tool_index
 from openk2.chat.render import (
+    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_TEMPLATE,
     GENERATION_PROMPT,
+    TEMPLATE_NAMES,
     STOP_STRINGS,
     Message,
     Segment,
     encode_conversation,
+    normalize_messages,
     render,
     render_segments,
     tools_json,
 )
 from openk2.chat.schema import check_json, response_schema, schema_errors, schema_problem, strip_code_fence
+from openk2.chat.template import checkpoint_template, render_jinja, resolve_template, template_name, template_text
 from openk2.chat.tool_choice import ToolChoicePlan, count_tool_calls, plan_tool_choice
 
 __all__ = [
+    "DEFAULT_SYSTEM_PROMPT", "DEFAULT_TEMPLATE", "TEMPLATE_NAMES", "checkpoint_template", "normalize_messages",
+    "render_jinja", "resolve_template", "template_name", "template_text",
     "GENERATION_PROMPT", "STOP_STRINGS", "Message", "ParseError", "ParseResult", "Segment", "ToolCall",
     "ToolChoicePlan", "check_json", "count_tool_calls", "encode_conversation", "format_parse_errors",
     "parse_tool_calls", "plan_tool_choice", "render", "render_segments", "response_schema", "schema_errors",

@@ -53,6 +53,28 @@ DEFAULT_VOCAB_SIZE = 8192
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 TIKTOKEN_MODEL = "tiktoken.model"
+CHAT_TEMPLATE_JINJA = "chat_template.jinja"
+# The chat template a tokenizer saves when it carries none of its own: openk2's default,
+# openk2.chat.DEFAULT_TEMPLATE (the data layer reads the template file, it does not import
+# the chat package; tests/test_chat_template.py checks the two names agree).
+DEFAULT_CHAT_TEMPLATE = "k2-instruct-0905"
+CHAT_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "chat" / "templates"
+
+
+def default_chat_template() -> str:
+    """The Jinja text of openk2's default chat template (what every saved tokenizer ships)."""
+    return (CHAT_TEMPLATE_DIR / f"{DEFAULT_CHAT_TEMPLATE}.jinja").read_text(encoding="utf-8")
+
+
+def read_chat_template(directory: str | os.PathLike, config: dict | None = None) -> str | None:
+    """A tokenizer directory's chat template: chat_template.jinja, else tokenizer_config's chat_template."""
+    d = Path(directory)
+    if (d / CHAT_TEMPLATE_JINJA).is_file():
+        return (d / CHAT_TEMPLATE_JINJA).read_text(encoding="utf-8")
+    tpl = (config or {}).get("chat_template")
+    if isinstance(tpl, list):  # transformers' named-templates form
+        tpl = next((t.get("template") for t in tpl if isinstance(t, dict) and t.get("name") == "default"), None)
+    return tpl if isinstance(tpl, str) else None
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -98,9 +120,12 @@ class Tokenizer:
         pad_token: str | None = PAD,
         unk_token: str | None = UNK,
         kind: str = "bpe",
+        chat_template: str | None = None,
     ) -> None:
         self.backend = backend
         self.kind = kind
+        # the Jinja chat template this tokenizer's model speaks; None: openk2's default
+        self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token = pad_token if pad_token is not None and backend.token_to_id(pad_token) is not None else eos_token
         self.unk_token = unk_token if unk_token is not None and backend.token_to_id(unk_token) is not None else None
@@ -167,7 +192,12 @@ class Tokenizer:
 
     # -- files ----------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write tokenizer.json (HF format) and tokenizer_config.json into `directory`."""
+        """Write tokenizer.json (HF format), tokenizer_config.json and chat_template.jinja into `directory`.
+
+        The chat template (its own, else openk2's default) goes both into chat_template.jinja and
+        into tokenizer_config.json's chat_template, so transformers' apply_chat_template renders
+        what openk2 renders.
+        """
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write(d / TOKENIZER_JSON, self.backend.to_str(pretty=False))
@@ -186,7 +216,10 @@ class Tokenizer:
                 for i, t in sorted(self.backend.get_added_tokens_decoder().items())
             },
         }
+        template = self.chat_template if self.chat_template is not None else default_chat_template()
+        config["chat_template"] = template
         atomic_write(d / TOKENIZER_CONFIG_JSON, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        atomic_write(d / CHAT_TEMPLATE_JINJA, template)
         return d
 
 
@@ -356,7 +389,9 @@ def load_tiktoken(
     eos = _special_name(config.get("eos_token")) or EOS
     pad = _special_name(config.get("pad_token")) or PAD
     unk = _special_name(config.get("unk_token")) or UNK
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, kind="tiktoken")
+    template = read_chat_template(config_file.parent, config) if config_file is not None else None
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk, kind="tiktoken",
+                     chat_template=template)
 
 
 # ---------------------------------------------------------------------------
@@ -392,6 +427,7 @@ def _load_hf_json(path: Path, config_path: Path) -> Tokenizer:
         raise DataError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from e
     names = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": UNK}
     kind = "bpe"
+    cfg: dict = {}
     if config_path.is_file():
         try:
             cfg = json.loads(config_path.read_text(encoding="utf-8"))
@@ -407,6 +443,7 @@ def _load_hf_json(path: Path, config_path: Path) -> Tokenizer:
         pad_token=names["pad_token"],
         unk_token=names["unk_token"],
         kind=kind,
+        chat_template=read_chat_template(path.parent, cfg if isinstance(cfg, dict) else {}),
     )
 
 
