@@ -314,3 +314,61 @@ def test_make_client_picks_the_backend(server, chat_model):
     assert http.chat(HELLO_Q, temperature=0).content == HELLO_A
     local = make_client(str(tiny_tool_model()))
     assert isinstance(local, LocalClient) and local.chat(HELLO_Q).content == HELLO_A
+
+
+# --------------------------------------------------------------------------- chat templates
+
+
+def _copy_checkpoint(tmp_path, template_text=None):
+    import shutil
+
+    d = tmp_path / "ckpt"
+    shutil.copytree(tiny_tool_model(), d)
+    if template_text is not None:
+        (d / "chat_template.jinja").write_text(template_text)
+    return d
+
+
+def test_serve_uses_the_checkpoints_own_template(tmp_path):
+    from openk2.chat import encode_conversation, render, template_text
+
+    cm = load_chat_model(tiny_tool_model())
+    assert (cm.template_name, cm.chat_jinja, cm.template_source) == ("k2-instruct-0905", None, "from the checkpoint")
+    msgs = [{"role": "user", "name": "ann", "content": "Hi"}]
+    # a checkpoint shipping k2-instruct renders with k2-instruct (the Python renderer: the text is the named template)
+    july = load_chat_model(_copy_checkpoint(tmp_path, template_text("k2-instruct")))
+    assert july.template_name == "k2-instruct" and july.chat_jinja is None
+    assert july.chat_prompt_ids(msgs) == encode_conversation(july.tokenizer, msgs, add_generation_prompt=True,
+                                                             template="k2-instruct")[0]
+    assert july.chat_prompt_ids(msgs) != cm.chat_prompt_ids(msgs)  # 0905 names the turn "ann"
+
+
+def test_serve_renders_any_other_template_with_jinja(tmp_path):
+    from openk2.chat import encode_conversation, template_text
+
+    edited = "{#- a local copy -#}\n" + template_text("k2-instruct-0905")
+    cm = load_chat_model(_copy_checkpoint(tmp_path, edited))
+    assert cm.template_name == "custom" and cm.chat_jinja == edited
+    msgs = [{"role": "user", "content": "Weather?"},
+            {"role": "assistant", "tool_calls": [{"id": "call_9", "function": {"name": "get_weather", "arguments": {}}}]},
+            {"role": "tool", "tool_call_id": "call_9", "content": "sunny"}]
+    # same text as the named template renders, so the same ids (foreign ids rewritten before Jinja too)
+    assert cm.chat_prompt_ids(msgs) == encode_conversation(cm.tokenizer, msgs, add_generation_prompt=True)[0]
+    plain = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    cm = load_chat_model(_copy_checkpoint(tmp_path / "b", plain))
+    assert cm.tokenizer.decode(cm.chat_prompt_ids([{"role": "user", "content": "xyz"}])) == "xyz"
+
+
+def test_chat_template_flag_overrides_the_checkpoint(tmp_path):
+    from openk2.errors import OpenK2Error
+    from openk2.chat import template_text
+
+    cm = load_chat_model(tiny_tool_model(), chat_template="k2-instruct")
+    assert (cm.template_name, cm.template_source) == ("k2-instruct", "from --chat-template")
+    (tmp_path / "t.jinja").write_text("{{ messages[0]['content'] }}")
+    cm = load_chat_model(tiny_tool_model(), chat_template=str(tmp_path / "t.jinja"))
+    assert cm.chat_jinja == "{{ messages[0]['content'] }}" and cm.template_banner().startswith("k2 format, chat template ")
+    (tmp_path / "same.jinja").write_text(template_text("k2-instruct"))
+    assert load_chat_model(tiny_tool_model(), chat_template=str(tmp_path / "same.jinja")).chat_jinja is None
+    with pytest.raises(OpenK2Error, match="--chat-template"):
+        load_chat_model(tiny_tool_model(), chat_template="chatml")

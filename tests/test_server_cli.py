@@ -31,7 +31,8 @@ def test_serve_banner_request_and_sigterm():
     )
     try:
         banner = proc.stdout.readline()
-        assert banner.startswith("openk2 serve: tiny (k2 format) on http://127.0.0.1:"), banner + proc.stderr.read()
+        assert banner.startswith("openk2 serve: tiny (k2 format, chat template k2-instruct-0905, from the checkpoint) "
+                                 "on http://127.0.0.1:"), banner + proc.stderr.read()
         url = banner.split(" on ")[1].split(" ")[0]
         assert httpx.get(url + "/models").json()["data"][0]["id"] == "tiny"
         r = httpx.post(url + "/chat/completions", json={"model": "tiny", "messages": HELLO_Q, "temperature": 0}, timeout=60)
@@ -48,3 +49,12 @@ def test_serve_missing_checkpoint_is_a_one_line_error(tmp_path):
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"openk2 serve: error: {tmp_path / 'nope'}: not a checkpoint directory, a .gguf file, or 'smollm2'"]
+
+
+def test_serve_bad_chat_template_is_a_one_line_error():
+    r = subprocess.run([sys.executable, "-m", "openk2.cli", "serve", str(tiny_tool_model()), "--chat-template", "chatml"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "openk2 serve: error: --chat-template: chat template 'chatml': not one of k2-instruct, k2-instruct-0905, "
+        "a .jinja file or a directory"]

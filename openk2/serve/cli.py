@@ -5,7 +5,11 @@
 
 prints, once the model is loaded and the socket is bound::
 
-    openk2 serve: final (k2 format) on http://127.0.0.1:8000/v1 (loaded in 0.4 s)
+    openk2 serve: final (k2 format, chat template k2-instruct-0905, from the checkpoint) on http://127.0.0.1:8000/v1 (loaded in 0.4 s)
+
+The chat template is the checkpoint's own (chat_template.jinja, else tokenizer_config.json's
+chat_template) unless ``--chat-template`` names another: k2-instruct, k2-instruct-0905, a
+.jinja file, or a directory that ships one.
 
 Ctrl-C or SIGTERM: stop accepting, finish the requests in flight, exit 0.
 """
@@ -28,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed in the banner)")
     p.add_argument("--model-name", default=None, help="the id clients send as `model` (default: the directory name)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY`")
+    p.add_argument("--chat-template", default=None, metavar="NAME|FILE|DIR",
+                   help="render prompts with this template instead of the checkpoint's own: k2-instruct, "
+                        "k2-instruct-0905, a .jinja file, or a directory that ships one")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--device", default="cpu", help="torch device for openk2 checkpoints (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -55,7 +62,15 @@ def main(args: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue"):
         if getattr(args, name) < 1:
             raise OpenK2Error(f"--{name.replace('_', '-')} must be at least 1")
-    chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype), device=args.device)
+    if args.chat_template is not None:
+        from openk2.chat import resolve_template
+
+        try:
+            resolve_template(args.chat_template)  # a bad flag fails before the model loads
+        except ValueError as e:
+            raise OpenK2Error(f"--chat-template: {e}") from None
+    chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype), device=args.device,
+                                 chat_template=args.chat_template)
     if args.model_name:
         chat_model.name = args.model_name
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
@@ -64,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     app = create_app(chat_model, limits=limits, api_key=args.api_key, max_batch_size=args.max_batch_size,
                      batch_window_s=args.batch_window_ms / 1000.0)
     serve_forever(app, args.host, args.port, args.graceful_timeout,
-                  banner=f"openk2 serve: {chat_model.name} ({chat_model.template} format) on "
+                  banner=f"openk2 serve: {chat_model.name} ({chat_model.template_banner()}) on "
                          f"http://{args.host}:{args.port}/v1 (loaded in {chat_model.load_seconds:.1f} s)")
     return 0
 
