@@ -233,3 +233,29 @@ def test_exported_checkpoint_round_trips_through_transformers(tmp_path):
                                           add_generation_prompt=gen)
             assert text == render(messages, tools, gen)
             assert encode_conversation(tok, messages, tools, gen)[0] == hf.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("template", TEMPLATE_NAMES)
+@pytest.mark.parametrize("train_on", ["all", "last", "none"])
+def test_loss_mask_cut_from_the_jinja_rendering_equals_the_python_one(toks, template, train_on):
+    """The path for templates that are not a named one: the mask cut from the rendered turns."""
+    from openk2.chat import encode_conversation_jinja
+
+    tok, _ = toks
+    for messages, tools in CASES.values():
+        for gen in (False, True):
+            assert encode_conversation_jinja(tok, template_text(template), messages, tools, gen, train_on) == \
+                encode_conversation(tok, messages, tools, gen, train_on, template)
+
+
+def test_loss_mask_of_a_template_that_is_not_prefix_stable_is_refused():
+    from openk2.chat import jinja_segments
+
+    # shows only the last message: earlier turns vanish, no prefix to cut at
+    last_only = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}>{% endif %}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match="not a prefix"):
+        jinja_segments(last_only, msgs)
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    segs = jinja_segments(plain, msgs)
+    assert [(s.text, s.train) for s in segs] == [("user: a\nassistant: ", False), ("b\n", True)]  # header untrained

@@ -29,11 +29,20 @@ from openk2.chat.render import (
     tools_json,
 )
 from openk2.chat.schema import check_json, response_schema, schema_errors, schema_problem, strip_code_fence
-from openk2.chat.template import checkpoint_template, render_jinja, resolve_template, template_name, template_text
+from openk2.chat.template import (
+    checkpoint_template,
+    encode_conversation_jinja,
+    jinja_segments,
+    render_jinja,
+    resolve_template,
+    template_name,
+    template_text,
+)
 from openk2.chat.tool_choice import ToolChoicePlan, count_tool_calls, plan_tool_choice
 
 __all__ = [
-    "DEFAULT_SYSTEM_PROMPT", "DEFAULT_TEMPLATE", "TEMPLATE_NAMES", "checkpoint_template", "normalize_messages",
+    "DEFAULT_SYSTEM_PROMPT", "DEFAULT_TEMPLATE", "TEMPLATE_NAMES", "checkpoint_template", "encode_conversation_jinja",
+    "jinja_segments", "normalize_messages",
     "render_jinja", "resolve_template", "template_name", "template_text",
     "GENERATION_PROMPT", "STOP_STRINGS", "Message", "ParseError", "ParseResult", "Segment", "ToolCall",
     "ToolChoicePlan", "check_json", "count_tool_calls", "encode_conversation", "format_parse_errors",

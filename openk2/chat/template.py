@@ -9,6 +9,11 @@ Jinja environment with ``trim_blocks`` and ``lstrip_blocks``, ``tojson`` as ``js
 with non-ASCII kept), after rewriting tool-call ids to K2's ``functions.NAME:IDX``
 (``normalize_messages``), so that any template (a checkpoint's own, or one given with
 ``openk2 serve --chat-template``) sees the conversations openk2 trains on.
+
+For a template that is not one of the named ones, ``jinja_segments`` /
+``encode_conversation_jinja`` give the SFT loss mask from the rendered turns: an
+assistant turn's trained text is what rendering the conversation up to it adds
+to rendering the conversation before it with the generation prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from openk2.chat.render import DEFAULT_TEMPLATE, TEMPLATE_NAMES, Message, normalize_messages
+from openk2.chat.render import DEFAULT_TEMPLATE, TEMPLATE_NAMES, Message, Segment, TextTokenizer, normalize_messages
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -105,3 +110,59 @@ def render_jinja(
     msgs = normalize_messages(messages) if normalize else [dict(m) for m in messages]
     return _compile(text).render(messages=msgs, tools=list(tools) if tools else None,
                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def jinja_segments(
+    text: str,
+    messages: Sequence[Message],
+    tools: Sequence[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    train_on: str = "all",
+) -> list[Segment]:
+    """A Jinja rendering cut into train/no-train segments at the assistant turns.
+
+    Assistant turn i is trained from the end of ``render(messages[:i], add_generation_prompt=True)``
+    to the end of ``render(messages[:i+1])``; both must be prefixes of the full rendering
+    (a template that rewrites earlier turns, or names a turn differently from its generation
+    prompt, raises ValueError: no loss mask can be cut from it).
+    """
+    if train_on not in ("all", "last", "none"):
+        raise ValueError(f"train_on must be all, last or none, got {train_on!r}")
+    msgs = normalize_messages(messages)
+    full = render_jinja(text, msgs, tools, add_generation_prompt, normalize=False)
+    turns = [i for i, m in enumerate(msgs) if m.get("role") == "assistant"]
+    chosen = turns if train_on == "all" else turns[-1:] if train_on == "last" else []
+    segs: list[Segment] = []
+    pos = 0
+    for i in chosen:
+        prompt = render_jinja(text, msgs[:i], tools, True, normalize=False)
+        upto = render_jinja(text, msgs[: i + 1], tools, False, normalize=False)
+        if not (upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= pos):
+            raise ValueError(f"message {i}: the template's rendering of the turns before it plus the generation "
+                             "prompt is not a prefix of the conversation; cannot cut a loss mask from it")
+        segs += [Segment(full[pos:len(prompt)], False), Segment(upto[len(prompt):], True)]
+        pos = len(upto)
+    segs.append(Segment(full[pos:], False))
+    return [s for s in segs if s.text]
+
+
+def encode_conversation_jinja(
+    tokenizer: TextTokenizer,
+    text: str,
+    messages: Sequence[Message],
+    tools: Sequence[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+    train_on: str = "all",
+) -> tuple[list[int], list[int]]:
+    """Token ids and SFT loss mask of a conversation rendered with any Jinja template.
+
+    Segments are encoded one by one; for K2's templates they split at special tokens, so the ids
+    equal encoding the whole rendering (and equal ``encode_conversation``'s).
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    for seg in jinja_segments(text, messages, tools, add_generation_prompt, train_on):
+        seg_ids = list(tokenizer.encode(seg.text, add_special_tokens=False))
+        ids.extend(seg_ids)
+        mask.extend([int(seg.train)] * len(seg_ids))
+    return ids, mask
