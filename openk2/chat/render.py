@@ -25,12 +25,12 @@ spaces after ``## Return of ID``). The facts, shared by both templates:
 - a default system turn (``DEFAULT_SYSTEM_PROMPT``) when the first message is not a system message;
 - tools and dict arguments as ``json.dumps`` with its default ``", "``/``": "`` separators, non-ASCII kept
   (what transformers' ``tojson`` writes);
-- a tool result is ``## Return of {tool_call_id}`` + ``"\n    "`` + its content.
+- a tool result is ``## Return of {tool_call_id}`` + ``"\\n    "`` + its content.
 
 They differ in two places. ``k2-instruct`` (the July 2025 tool-call revision of
 Kimi-K2-Instruct) writes the tool list right after ``<|im_middle|>`` and fixed role
 names (``system``, ``user``, ``assistant``, ``tool``). ``k2-instruct-0905`` puts
-``"\n  # Tools\n  "`` before the list and names each turn by the message's ``name``
+``"\\n  # Tools\\n  "`` before the list and names each turn by the message's ``name``
 when it has one, else by its role.
 
 Tool-call ids keep K2's ``functions.NAME:IDX`` form, IDX counting calls over the
