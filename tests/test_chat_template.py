@@ -193,6 +193,10 @@ def test_template_names_and_resolution(tmp_path):
     label, text = resolve_template(tmp_path / "mine.jinja")
     assert label.endswith("(custom)") and render_jinja(text, [{"role": "user", "content": "hi"}]) == "hi"
     assert resolve_template("k2-instruct") == ("k2-instruct", template_text("k2-instruct"))
+    tiny_tokenizer().save(tmp_path / "tok")  # a directory that ships a template: it names the template inside
+    assert resolve_template(tmp_path / "tok") == (DEFAULT_TEMPLATE, template_text(DEFAULT_TEMPLATE))
+    with pytest.raises(ValueError, match="no chat_template.jinja"):
+        resolve_template(tmp_path)
     with pytest.raises(ValueError):
         resolve_template(tmp_path / "missing.jinja")
 
