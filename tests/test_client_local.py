@@ -143,3 +143,13 @@ def test_smollm2_offline_with_a_schema():
     reqs = [{"messages": [{"role": "user", "content": q}], "max_tokens": 12}
             for q in ("Name a colour.", "What is 2 + 2? Reply with the number only.", "Say hi.")]
     assert [r.content for r in c.chat_many(reqs)] == [c.chat(**r).content for r in reqs]
+
+
+def test_local_client_takes_another_chat_template():
+    from openk2.chat import render
+
+    c = LocalClient(tiny_tool_model(), chat_template="k2-instruct")
+    assert c.chat_model.template_name == "k2-instruct"
+    ids = c.chat_model.chat_prompt_ids([{"role": "user", "content": "hi"}])
+    text = c.chat_model.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text == render([{"role": "user", "content": "hi"}], add_generation_prompt=True, template="k2-instruct")

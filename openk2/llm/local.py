@@ -37,9 +37,17 @@ class LocalClient(LLMClient):
         max_batch_size: int = 16,
         cache_dir: str | os.PathLike | None = None,
         default_max_tokens: int = 512,
+        chat_template: str | None = None,
     ) -> None:
+        """`chat_template`: a template name (k2-instruct, k2-instruct-0905), a .jinja file or a directory that
+        ships one, used instead of the checkpoint's own (as `openk2 serve --chat-template`)."""
         super().__init__()
-        self.chat_model = model if isinstance(model, ChatModel) else load_chat_model(model, dtype)
+        if isinstance(model, ChatModel):
+            from openk2.serve.backends import set_chat_template
+
+            self.chat_model = set_chat_template(model, chat_template) if chat_template is not None else model
+        else:
+            self.chat_model = load_chat_model(model, dtype, chat_template=chat_template)
         self.model = self.chat_model.name
         self.schema_retries = schema_retries
         self.max_batch_size = max_batch_size
