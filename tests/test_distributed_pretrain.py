@@ -4,7 +4,8 @@
 * a 2-rank run interrupted after step 3 and resumed from its step-2 checkpoint
   (sharded, torch.distributed.checkpoint) equals the uninterrupted 2-rank
   run bit for bit: losses and final weights, for AdamW and MuonClip;
-* the 2-rank checkpoint loads into a single process (DCP reshards).
+* the 2-rank checkpoint loads into a single process (DCP reshards): the weights, and a whole resume
+  (FSDP2-sharded and expert-parallel optimizer state) that continues like the 2-rank run.
 
 `q_lora_rank` 63 and `intermediate_size` 383 make FSDP2's dim-0 shards
 uneven (32 + 31 rows, 192 + 191 rows); the 16 experts split 8 + 8 (EP).
@@ -72,6 +73,13 @@ def runs(request, tmp_path_factory, tiny_data_dir):
     _run(tmp, tiny_data_dir, "cut", 2, opt, "--stop-after", "3")  # dies after step 3: checkpoint of step 2 stays
     out = _run(tmp, tiny_data_dir, "cut", 2, opt)
     assert "resumed from" in out and "step_0000002" in out
+    # the 2-rank run's step-2 checkpoint, resumed by one process
+    import shutil
+
+    src, dst = tmp / "runs" / "two", tmp / "runs" / "resharded"
+    shutil.copytree(src / "checkpoints" / "step_0000002", dst / "checkpoints" / "step_0000002")
+    shutil.copy(src / "metrics.jsonl", dst / "metrics.jsonl")
+    assert "resumed from" in _run(tmp, tiny_data_dir, "resharded", 1, opt)
     return tmp, opt
 
 
@@ -98,3 +106,13 @@ def test_two_rank_resume_equals_uninterrupted(runs):
 
     hf = openk2.from_pretrained(tmp / "runs" / "two" / "hf").state_dict()
     assert all(torch.equal(a[k], hf[k]) for k in hf)
+
+
+def test_a_two_rank_checkpoint_resumes_in_one_process(runs):
+    """Model and optimizer state written by 2 ranks (FSDP2 shards, 8 + 8 experts) resume in 1 process."""
+    tmp, _ = runs
+    loss_r, val_r = _metrics(tmp, "resharded")
+    loss_2, val_2 = _metrics(tmp, "two")
+    assert len(loss_r) == STEPS
+    # steps 3-4 ran in one process: as 1 vs 2 ranks above, they differ only by fp32 sum order
+    assert loss_r == pytest.approx(loss_2, abs=1e-4) and val_r == pytest.approx(val_2, abs=1e-4)
