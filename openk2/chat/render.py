@@ -240,9 +240,14 @@ def encode_conversation(
     template: str = DEFAULT_TEMPLATE,
 ) -> tuple[list[int], list[int]]:
     """Token ids and the SFT loss mask (1 on assistant content and its <|im_end|>, else 0)."""
+    return encode_segments(tokenizer, render_segments(messages, tools, add_generation_prompt, train_on, template))
+
+
+def encode_segments(tokenizer: TextTokenizer, segments) -> tuple[list[int], list[int]]:
+    """Encode rendered segments one by one: (ids, loss mask with each segment's `train` flag per token)."""
     ids: list[int] = []
     mask: list[int] = []
-    for seg in render_segments(messages, tools, add_generation_prompt, train_on, template):
+    for seg in segments:
         seg_ids = list(tokenizer.encode(seg.text, add_special_tokens=False))
         ids.extend(seg_ids)
         mask.extend([int(seg.train)] * len(seg_ids))

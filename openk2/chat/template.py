@@ -23,7 +23,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from openk2.chat.render import DEFAULT_TEMPLATE, TEMPLATE_NAMES, Message, Segment, TextTokenizer, normalize_messages
+from openk2.chat.render import (DEFAULT_TEMPLATE, TEMPLATE_NAMES, Message, Segment, TextTokenizer, encode_segments,
+                                normalize_messages)
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -159,10 +160,4 @@ def encode_conversation_jinja(
     Segments are encoded one by one; for K2's templates they split at special tokens, so the ids
     equal encoding the whole rendering (and equal ``encode_conversation``'s).
     """
-    ids: list[int] = []
-    mask: list[int] = []
-    for seg in jinja_segments(text, messages, tools, add_generation_prompt, train_on):
-        seg_ids = list(tokenizer.encode(seg.text, add_special_tokens=False))
-        ids.extend(seg_ids)
-        mask.extend([int(seg.train)] * len(seg_ids))
-    return ids, mask
+    return encode_segments(tokenizer, jinja_segments(text, messages, tools, add_generation_prompt, train_on))

@@ -61,14 +61,10 @@ def set_rng_state(s: dict) -> None:
 
 
 # ------------------------------------------------------------ state entries
-def _expert_modules(model: nn.Module) -> dict[str, tuple[int, int, int]]:
-    """module name -> (lo, hi, n_total) for expert-parallel expert weights (rank holds rows lo:hi)."""
-    out = {}
-    for name, m in model.named_modules():
-        rng = getattr(m, "ep_range", None)
-        if rng is not None:
-            out[name] = (rng[0], rng[1], rng[1] - rng[0])
-    return out
+def _expert_modules(model: nn.Module) -> dict[str, int]:
+    """module name -> this rank's number of experts, for expert-parallel expert weights (`ep_range`)."""
+    return {name: m.ep_range[1] - m.ep_range[0] for name, m in model.named_modules()
+            if getattr(m, "ep_range", None) is not None}
 
 
 def _mesh():
@@ -119,7 +115,7 @@ class _Entries:
         experts = _expert_modules(model) if _dist()[1] > 1 else {}
         self.mesh = _mesh() if experts else None
         self.expert_param = {}  # parameter name -> local expert count
-        for mod, (_, _, n_local) in experts.items():
+        for mod, n_local in experts.items():
             for pname, _ in model.get_submodule(mod).named_parameters(recurse=False):
                 self.expert_param[f"{mod}.{pname}"] = n_local
         self.names = _IdMap((p, n) for n, p in model.named_parameters())

@@ -215,14 +215,8 @@ def config_from_args(args: argparse.Namespace, cls=TrainConfig):
         base = read_json(path)
         if not isinstance(base, dict):
             raise ConfigError(f"{path}: expected a JSON object of training settings")
-    for f in dataclasses.fields(cls):
-        v = getattr(args, f.name, None)
-        if v is None:
-            continue
-        if f.metadata.get("zero_is_none") and v == 0:
-            v = None
-        base[f.name] = v
-    for f in dataclasses.fields(cls):  # a config file may say 0 too
+    base.update({f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None})
+    for f in dataclasses.fields(cls):  # "0 disables", from a flag or from the file
         if f.metadata.get("zero_is_none") and base.get(f.name) == 0:
             base[f.name] = None
     cfg = cls.from_dict(base)

@@ -116,8 +116,8 @@ def validation_fn(data_dir, cfg: TrainConfig):
     return evaluate
 
 
-def _check_resumable(ckpt, cfg: TrainConfig) -> None:
-    saved = TrainConfig.from_dict(read_trainer_state(ckpt)["train_config"])
+def _check_resumable(ckpt, state: dict, cfg: TrainConfig) -> None:
+    saved = TrainConfig.from_dict(state["train_config"])
     for k in RESUME_MUST_MATCH:
         if getattr(saved, k) != getattr(cfg, k):
             raise ConfigError(f"{ckpt}: run was started with {k}={getattr(saved, k)!r}, now {getattr(cfg, k)!r}; "
@@ -145,8 +145,9 @@ def pretrain(cfg: TrainConfig, resume: bool = True, log=print, stop_after: int |
     ckpt = latest_checkpoint(cfg.run_dir) if resume else None
     saved_precision = None
     if ckpt is not None:
-        _check_resumable(ckpt, cfg)
-        saved_precision = read_trainer_state(ckpt).get("precision")
+        saved = read_trainer_state(ckpt)
+        _check_resumable(ckpt, saved, cfg)
+        saved_precision = saved.get("precision")
     if is_main:
         from openk2.utils import atomic_write
 

@@ -44,11 +44,12 @@ def lm_targets(batch) -> torch.Tensor:
 
 def lm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over the targets that are not IGNORE_INDEX (fused head + loss)."""
+    targets = lm_targets(batch)
     if isinstance(batch, dict):
-        ids, targets = batch["input_ids"], batch["labels"]
+        ids = batch["input_ids"]
         kw = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
     else:
-        ids, targets, kw = batch[:, :-1], batch[:, 1:], {}
+        ids, kw = batch[:, :-1], {}
     loss = model(ids, shift_labels=targets, **kw).loss
     return loss, int((targets != IGNORE_INDEX).sum())
 
@@ -228,6 +229,7 @@ class Trainer:
     # ----------------------------------------------------------- evaluate
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """The task's evaluation in eval mode; its wall time counts in `elapsed` (and in the budget's plan)."""
         if self.evaluate_fn is None:
             return {}
         was = self.model.training
@@ -241,7 +243,9 @@ class Trainer:
             from openk2.train.checkpoint import reshard
 
             reshard(self.model)  # FSDP2 leaves the root unsharded after a forward without backward
-        self.budget.record_eval(time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.budget.record_eval(dt)
         self.last_eval = out
         return out
 
@@ -310,9 +314,7 @@ class Trainer:
                 self.budget.update(self.step, self.elapsed)
                 end = self.step >= self.budget.total_steps
                 if self.step % cfg.val_every == 0 or end:
-                    t0 = time.perf_counter()
                     ev = self.evaluate()
-                    self.elapsed += time.perf_counter() - t0
                     row.update({k: round(v, 5) if isinstance(v, float) else v for k, v in ev.items()})
                 if self.step % cfg.log_every == 0 or end or "val_loss" in row:
                     self.write_metrics(row)
