@@ -11,7 +11,7 @@ Names are imported on first use, so `import openk2.serve` stays cheap. See docs/
 from importlib import import_module
 
 _EXPORTS = {
-    "ChatModel": "backends",
+    "ChatModel": "chat_model",
     "load_chat_model": "backends",
     "Engine": "engine",
     "GenRequest": "engine",

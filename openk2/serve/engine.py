@@ -38,6 +38,11 @@ class SamplingParams:
     json_schema: dict[str, Any] | None = None
     banned_ids: Sequence[int] = ()  # never sampled (e.g. the tool-call section under tool_choice="none")
     ignore_eos: bool = False  # decode exactly max_tokens (benchmarks; vLLM's extension of the API)
+    # a compiled grammar (openk2.serve.constrained: SchemaGrammar, ChoiceGrammar...) the output must match;
+    # json_schema is compiled into one (cached) when grammar is None
+    grammar: Any = None
+    logprobs: bool = False  # record each sampled token's log-probability (model distribution, temperature 1)
+    top_logprobs: int = 0  # and the k most likely tokens' (0-20)
 
 
 @dataclass
@@ -47,6 +52,10 @@ class GenRequest:
     # called on the engine thread after each new token (and once more at the end with None)
     on_token: Callable[["GenRequest", int | None], None] | None = None
     output_ids: list[int] = field(default_factory=list)
+    # with params.logprobs: log p(token) of each output token (and of stop_token, last); with top_logprobs=k,
+    # the k most likely (token id, log p) at each of those positions
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     text: str = ""  # decoded output so far (special tokens kept)
     finish_reason: str | None = None  # stop | length | cancelled | error
     stop_token: int | None = None  # the stop token that ended it (sampled, not in output_ids)
