@@ -149,7 +149,7 @@ def test_json_schema_response_format(oai):
     ({"messages": []}, 400, "messages must be a non-empty list"),
     ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "role must be system, user, assistant or tool"),
     ({"model": "gpt-9"}, 404, "model 'gpt-9' does not exist"),
-    ({"n": 2}, 400, "only n=1"),
+    ({"n": 17}, 400, "n must be between 1 and 16"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]}, 400,
      "not a valid JSON schema"),
     ({"tool_choice": {"type": "function", "function": {"name": "missing"}}, "tools": [WEATHER_TOOL]}, 400,
