@@ -15,7 +15,7 @@ from serve_helpers import tiny_tokenizer  # noqa: E402
 import openk2  # noqa: E402
 from openk2.model.config import get_preset  # noqa: E402
 from openk2.serve.backends import k2_chat_model  # noqa: E402
-from openk2.serve.engine import DecodeBatch, Engine, EngineClosed, GenRequest, SamplingParams, generate_batch  # noqa: E402
+from openk2.serve.engine import Engine, EngineClosed, GenRequest, SamplingParams, Scheduler, generate_batch  # noqa: E402
 
 PROMPTS = ["Hello there", "What is the weather like in Paris today, please? Tell me everything.", "x",
            "A medium prompt here"]
@@ -58,11 +58,11 @@ def test_static_and_continuous_batching_match_single_requests(cm):
     generate_batch(cm, together)
     assert [r.output_ids for r in together] == single
     staggered = [GenRequest(i, _params(max_tokens=6 + 2 * k)) for k, i in enumerate(ids)]
-    b = DecodeBatch(cm)
-    b.add(staggered[:1]), b.step(), b.step()
-    b.add(staggered[1:3]), b.step()
-    b.add(staggered[3:])
-    while b.live:
+    b = Scheduler(cm, max_batch_size=4)
+    b.add(staggered[0]), b.step(), b.step()
+    b.add(staggered[1]), b.add(staggered[2]), b.step()
+    b.add(staggered[3])
+    while b.busy:
         b.step()
     assert [r.output_ids for r in staggered] == [s[: 6 + 2 * k] for k, s in enumerate(single)]
 
@@ -105,3 +105,147 @@ def test_stop_strings_and_banned_tokens(cm):
     banned = GenRequest(ids, _params(max_tokens=12, banned_ids=(free.output_ids[0],)))
     generate_batch(cm, [banned])
     assert banned.output_ids[0] != free.output_ids[0]
+
+
+# ---------------------------------------------------------------- continuous batching, prefix sharing, isolation
+
+LONG = "the quick brown fox jumps over the lazy dog " * 8  # ~200 tokens with the tiny tokenizer
+
+
+def _run(cm, reqs, **kw):
+    s = Scheduler(cm, **kw)
+    for r in reqs:
+        s.add(r)
+    while s.busy:
+        s.step()
+    return s
+
+
+def _alone(cm, ids, **kw):
+    r = GenRequest(ids, _params(**kw))
+    _run(cm, [r], max_batch_size=1, prefix_cache_mb=0)
+    return r
+
+
+def test_memory_and_attention_length_stay_flat_under_steady_load(cm):
+    """Waves of requests reuse the same rows: the cache never grows past the longest live sequence."""
+    ids = _ids(cm)
+    s = Scheduler(cm, max_batch_size=4)
+    longest, caps = 0, []
+    for wave in range(6):
+        for k in range(8):
+            s.add(GenRequest(ids[k % 4], _params(max_tokens=8 + k)))
+        while s.busy:
+            s.step()
+            longest = max(longest, s.cache.length)
+        caps.append(s.cache.capacity)
+    # the old engine's shared cache grew one position per step for as long as the batch never emptied
+    assert longest <= max(len(i) for i in ids) + 8 + 7
+    assert caps == [caps[0]] * 6 and s.stats["generated_tokens"] == 6 * sum(8 + k for k in range(8))
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_running_streams_decode(cm):
+    ids = _ids(cm)[0]
+    long_ids = cm.chat_prompt_ids([{"role": "user", "content": LONG}])
+    s = Scheduler(cm, max_batch_size=4, prefill_chunk=16)
+    running = GenRequest(ids, _params(max_tokens=40))
+    s.add(running)
+    s.step()
+    late = GenRequest(long_ids, _params(max_tokens=4))
+    s.add(late)
+    steps, before = 0, len(running.output_ids)
+    while not late.output_ids:
+        s.step()
+        steps += 1
+    assert steps == -(-(len(long_ids) - late.cached_prompt_tokens) // 16)  # one chunk per step
+    assert len(running.output_ids) - before == steps  # the running stream got a token at every one of them
+    while s.busy:
+        s.step()
+    assert running.output_ids == _alone(cm, ids, max_tokens=40).output_ids
+    assert late.output_ids == _alone(cm, long_ids, max_tokens=4).output_ids
+
+
+def test_n_copies_of_one_prompt_are_prefilled_once(cm):
+    ids = cm.chat_prompt_ids([{"role": "user", "content": LONG}])
+    reqs = [GenRequest(ids, _params(max_tokens=6, temperature=1.0, seed=i)) for i in range(4)]
+    s = _run(cm, reqs, max_batch_size=4)
+    assert s.stats["prefill_tokens"] == len(ids)
+    assert [r.cached_prompt_tokens for r in reqs] == [0] + [len(ids)] * 3
+    for i, r in enumerate(reqs):  # each sample is what it would be alone
+        assert r.output_ids == _alone(cm, ids, max_tokens=6, temperature=1.0, seed=i).output_ids
+    assert len({tuple(r.output_ids) for r in reqs}) > 1
+
+
+def test_shared_prefix_is_reused_from_the_prefix_store(cm):
+    system = {"role": "system", "content": LONG}
+    a = cm.chat_prompt_ids([system, {"role": "user", "content": "first question"}])
+    b = cm.chat_prompt_ids([system, {"role": "user", "content": "another one"}])
+    common = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    s = Scheduler(cm, max_batch_size=2)
+    ra, rb = GenRequest(a, _params()), GenRequest(b, _params())
+    s.add(ra)
+    while s.busy:
+        s.step()
+    s.add(rb)  # after ra finished: its prompt's KV comes from the store
+    while s.busy:
+        s.step()
+    assert rb.cached_prompt_tokens == common > 100
+    assert s.stats["prefill_tokens"] == len(a) + len(b) - common
+    assert rb.output_ids == _alone(cm, b).output_ids
+
+
+def test_logprobs_are_the_models_log_softmax(cm):
+    ids = _ids(cm)[1]
+    r = GenRequest(ids, _params(max_tokens=6, temperature=1.0, seed=3, logprobs=True, top_logprobs=3))
+    generate_batch(cm, [r])
+    full = torch.tensor([ids + r.output_ids])
+    with torch.inference_mode():
+        lp = torch.log_softmax(cm.backend.model(full).logits[0].float(), -1)
+    want = [float(lp[len(ids) - 1 + t, tok]) for t, tok in enumerate(r.output_ids)]
+    assert len(r.logprobs) == 6 and max(abs(x - y) for x, y in zip(r.logprobs, want)) < 1e-4
+    for t, top in enumerate(r.top_logprobs):
+        v, i = lp[len(ids) - 1 + t].topk(3)
+        assert [k for k, _ in top] == i.tolist() and max(abs(a - b) for (_, a), b in zip(top, v.tolist())) < 1e-4
+
+
+class _BrokenConstraint:
+    complete = False
+
+    def choose(self, *a, **k):
+        raise RuntimeError("constraint blew up")
+
+
+def test_a_failing_or_invalid_request_fails_alone(cm):
+    ids = _ids(cm)
+    good = [GenRequest(i, _params()) for i in ids[:2]]
+    nan = GenRequest(ids[2], _params(temperature=float("nan")))
+    broken = GenRequest(ids[3], _params())
+    broken._constraint, broken._prepared = _BrokenConstraint(), True
+    _run(cm, [good[0], nan, broken, good[1]], max_batch_size=4)
+    assert nan.finish_reason == "error" and "temperature" in nan.error
+    assert broken.finish_reason == "error" and "constraint blew up" in broken.error
+    assert [g.output_ids for g in good] == [_alone(cm, i).output_ids for i in ids[:2]]
+
+
+def test_cancelled_request_leaves_and_the_rest_go_on(cm):
+    ids = _ids(cm)
+    s = Scheduler(cm, max_batch_size=3)
+    reqs = [GenRequest(i, _params(max_tokens=12)) for i in ids[:3]]
+    for r in reqs:
+        s.add(r)
+    for _ in range(3):
+        s.step()
+    reqs[1].cancelled = True
+    s.step()
+    assert reqs[1].finish_reason == "cancelled" and len(s.decoding) == 2
+    while s.busy:
+        s.step()
+    assert [reqs[0].output_ids, reqs[2].output_ids] == [_alone(cm, ids[k], max_tokens=12).output_ids for k in (0, 2)]
+
+
+def test_output_stops_at_the_context(cm):
+    ctx = cm.backend.max_context
+    ids = (cm.chat_prompt_ids([{"role": "user", "content": LONG * 5}]) * 3)[: ctx - 5]
+    r = GenRequest(ids, _params(max_tokens=50))
+    generate_batch(cm, [r])
+    assert r.finish_reason == "length" and len(r.output_ids) == 5

@@ -28,27 +28,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from openk2.model.config import K2Config
+from openk2.model.kv_cache import CacheView, KVCache
 from openk2.model.layers import RMSNorm, apply_rope
 from openk2.model.max_logit import max_logit
 
 
-class MLACache:
-    """Absorbed-mode KV cache: per layer the latent c^KV [B, S, kv_lora] and k^R [B, S, rope]."""
+class MLACache(KVCache):
+    """Absorbed-mode KV cache: per layer the latent c^KV [rows, S, kv_lora] and k^R [rows, S, rope]."""
 
-    def __init__(self, config: K2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        L = config.num_hidden_layers
-        self.latent = torch.zeros(L, batch_size, max_len, config.kv_lora_rank, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(L, batch_size, max_len, config.qk_rope_head_dim, dtype=dtype, device=device)
-        self.max_len = max_len
-        self.length = 0  # tokens already cached (the same for every layer once a forward completes)
-        # [B, max_len] bool: which cached positions are real tokens (False for left padding)
-        self.valid = torch.ones(batch_size, max_len, dtype=torch.bool, device=device)
+    def __init__(self, config: K2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 block: int | None = None, growable: bool = False):
+        features = {"latent": (config.kv_lora_rank,), "k_rope": (config.qk_rope_head_dim,)}
+        super().__init__(config.num_hidden_layers, features, batch_size, max_len, dtype, device,
+                         block=block or max_len, max_capacity=None if growable else max_len)
+
+    @property
+    def latent(self) -> torch.Tensor:
+        return self.data["latent"]
+
+    @property
+    def k_rope(self) -> torch.Tensor:
+        return self.data["k_rope"]
 
     def values_per_token_per_layer(self) -> int:
         return self.latent.shape[-1] + self.k_rope.shape[-1]
-
-    def nbytes(self) -> int:
-        return self.latent.numel() * self.latent.element_size() + self.k_rope.numel() * self.k_rope.element_size()
 
 
 class MLAttention(nn.Module):
@@ -124,7 +127,7 @@ class MLAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: MLACache | None = None,
+        cache: CacheView | None = None,
         key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if cache is not None:
@@ -173,27 +176,24 @@ class MLAttention(nn.Module):
         m = scores.amax(dim=(0, 2, 3)).float()
         torch.maximum(self.max_logit, m, out=self.max_logit)
 
-    def _forward_absorbed(self, x: torch.Tensor, cos, sin, cache: MLACache) -> torch.Tensor:
+    def _forward_absorbed(self, x: torch.Tensor, cos, sin, view: CacheView) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_rope, latent, k_rope = self._project(x, cos, sin)
-        start = cache.length
-        end = start + T
-        if end > cache.max_len:
-            raise ValueError(f"KV cache full: {end} tokens > max_len {cache.max_len}")
-        cache.latent[self.layer_idx, :, start:end] = latent.to(cache.latent.dtype)
-        cache.k_rope[self.layer_idx, :, start:end] = k_rope.to(cache.k_rope.dtype)
-        c_kv = cache.latent[self.layer_idx, :, :end].to(x.dtype)  # [B, S, C]
-        k_r = cache.k_rope[self.layer_idx, :, :end].to(x.dtype)  # [B, S, R]
+        view.write(self.layer_idx, "latent", latent)
+        view.write(self.layer_idx, "k_rope", k_rope)
+        c_kv = view.read(self.layer_idx, "latent").to(x.dtype)  # [B, S, C]
+        k_r = view.read(self.layer_idx, "k_rope").to(x.dtype)  # [B, S, R]
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
         q_lat = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # W^UK absorbed into the query
         scores = torch.matmul(q_lat, c_kv[:, None].transpose(-1, -2))
         scores = scores + torch.matmul(q_rope.transpose(1, 2), k_r[:, None].transpose(-1, -2))
         scores = scores.float() * self.softmax_scale  # [B, H, T, S]
-        pos_q = torch.arange(start, end, device=x.device)
-        mask = torch.arange(end, device=x.device)[None, :] <= pos_q[:, None]  # [T, S]
-        mask = mask[None, None] & cache.valid[:, None, None, :end]
-        scores = scores.masked_fill(~mask, float("-inf"))
+        mask = view.mask
+        if mask is None and T > 1:  # every row starts at 0: plain causal
+            mask = torch.ones(T, view.S, dtype=torch.bool, device=x.device).tril(view.S - T)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         if self.track_max_logit and self.training:
             self._update_max_logit(scores)
         probs = torch.softmax(scores, dim=-1).nan_to_num(0.0).to(x.dtype)

