@@ -214,16 +214,15 @@ class _Slow:
     def __init__(self, backend, delay):
         self.backend, self.delay = backend, delay
         self.max_context, self.vocab_size = backend.max_context, backend.vocab_size
+        self.prefill_chunk = getattr(backend, "prefill_chunk", 256)
 
-    def prefill(self, prompts, max_new):
-        return self.backend.prefill(prompts, max_new)
+    def new_cache(self, rows, capacity):
+        return self.backend.new_cache(rows, capacity)
 
-    def decode(self, state, tokens):
-        time.sleep(self.delay)
-        return self.backend.decode(state, tokens)
-
-    def select(self, state, rows):
-        return self.backend.select(state, rows)
+    def forward(self, ids, view):
+        if ids.shape[1] == 1:  # a decode step
+            time.sleep(self.delay)
+        return self.backend.forward(ids, view)
 
 
 def _slow_model(chat_model, delay=0.05):
@@ -233,7 +232,8 @@ def _slow_model(chat_model, delay=0.05):
 
 
 def test_full_queue_answers_503_with_retry_after(chat_model):
-    app = create_app(_slow_model(chat_model, 0.1), limits=ServerLimits(max_queue=1), batch_window_s=0.0)
+    app = create_app(_slow_model(chat_model, 0.1), limits=ServerLimits(max_queue=1), batch_window_s=0.0,
+                     max_batch_size=1)  # the second request must wait in the queue, not join the batch
     with LoopbackServer(app) as srv:
         body = {"model": NAME, "messages": HELLO_Q, "temperature": 0}
         with httpx.Client(base_url=srv.url, timeout=30) as c:

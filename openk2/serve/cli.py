@@ -38,7 +38,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None)
     p.add_argument("--device", default="cpu", help="torch device for openk2 checkpoints (cpu, cuda, cuda:1)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--weights", choices=("auto", "fp32", "bf16", "int4"), default=None,
+                   help="weight format of Llama-family models (default auto: the fastest measured here; int4 only "
+                        "for a checkpoint stored in 4 bits already, e.g. a Q4 GGUF)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (KV cache rows)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens prefilled per engine step while others decode (default 256)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                   help="memory for recently prefilled prompts whose KV later prompts reuse (0 disables)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="wait this long to gather a batch")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of chat requests that name none")
@@ -62,6 +69,10 @@ def main(args: argparse.Namespace) -> int:
     for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue"):
         if getattr(args, name) < 1:
             raise OpenK2Error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise OpenK2Error("--prefill-chunk must be at least 1")
+    if args.prefix_cache_mb < 0:
+        raise OpenK2Error("--prefix-cache-mb must be >= 0")
     if args.chat_template is not None:
         from openk2.chat import resolve_template
 
@@ -69,17 +80,22 @@ def main(args: argparse.Namespace) -> int:
             resolve_template(args.chat_template)  # a bad flag fails before the model loads
         except ValueError as e:
             raise OpenK2Error(f"--chat-template: {e}") from None
+    from openk2.serve.engine import Engine
+
     chat_model = load_chat_model(args.checkpoint, DTYPES.get(args.dtype), device=args.device,
-                                 chat_template=args.chat_template)
+                                 chat_template=args.chat_template, weights=args.weights)
     if args.model_name:
         chat_model.name = args.model_name
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                           max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
                           default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit))
-    app = create_app(chat_model, limits=limits, api_key=args.api_key, max_batch_size=args.max_batch_size,
-                     batch_window_s=args.batch_window_ms / 1000.0)
+    engine = Engine(chat_model, max_batch_size=args.max_batch_size, batch_window_s=args.batch_window_ms / 1000.0,
+                    prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb)
+    app = create_app(chat_model, limits=limits, api_key=args.api_key, engine=engine)
+    weights = getattr(chat_model.backend, "weights", None)
     serve_forever(app, args.host, args.port, args.graceful_timeout,
-                  banner=f"openk2 serve: {chat_model.name} ({chat_model.template_banner()}) on "
+                  banner=f"openk2 serve: {chat_model.name} ({chat_model.template_banner()}"
+                         f"{f', {weights} weights' if weights else ''}) on "
                          f"http://{args.host}:{args.port}/v1 (loaded in {chat_model.load_seconds:.1f} s)")
     return 0
 

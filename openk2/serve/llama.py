@@ -225,9 +225,9 @@ class LlamaRunner:
         for i, L in enumerate(self.layers):
             h = F.rms_norm(x.float(), (s.hidden,), L["in_norm"], s.rms_eps).to(self.dtype)
             qkv = L["qkv"](h)
-            q, k, v = qkv.split([H * D, KV * D, KV * D], dim=-1)
-            q = _rotate(q.view(B, T, H, D), cos, sin)
-            k = _rotate(k.view(B, T, KV, D), cos, sin)
+            qk = _rotate(qkv[..., : (H + KV) * D].reshape(B, T, H + KV, D), cos, sin)  # q and k in one pass
+            q, k = qk[:, :, :H], qk[:, :, H:]
+            v = qkv[..., (H + KV) * D :]
             view.write(i, "k", k)
             view.write(i, "v", v.view(B, T, KV, D))
             K = view.read(i, "k").transpose(1, 2)
