@@ -249,3 +249,29 @@ def test_output_stops_at_the_context(cm):
     r = GenRequest(ids, _params(max_tokens=50))
     generate_batch(cm, [r])
     assert r.finish_reason == "length" and len(r.output_ids) == 5
+
+
+def test_soak_looping_clients_keep_memory_flat(cm):
+    """8 threads looping requests through the engine thread for a bounded time (~4 s)."""
+    import time as _time
+
+    engine = Engine(cm, max_batch_size=4, batch_window_s=0.0)
+    ids = _ids(cm)
+    results, caps, stop_at = [], [], _time.perf_counter() + 4.0
+
+    def client(k):
+        while _time.perf_counter() < stop_at:
+            r = engine.generate(GenRequest(ids[k % 4], _params(max_tokens=12)), timeout=60)
+            results.append(r)
+            caps.append(engine._sched.cache.capacity)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    engine.close()
+    assert len(results) >= 16 and all(r.finish_reason == "length" and len(r.output_ids) == 12 for r in results)
+    assert max(caps) == min(caps)  # no growth however long it runs
+    assert engine.stats["generated_tokens"] == 12 * len(results) and engine.stats["errors"] == 0
+    assert engine.stats["max_batch"] == 4
