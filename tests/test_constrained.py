@@ -158,6 +158,16 @@ def test_a_runaway_string_still_closes_within_max_tokens():
     assert reason == "length" and not g.matches(text) and text.endswith("a" * 40)
 
 
+def test_a_budget_below_the_minimal_length_takes_the_shortest_way():
+    g = C.SchemaGrammar(VERDICT)
+    for seed in range(3):
+        text, ids, reason = decode(g, runaway("a", '"'), 12, seed=seed)  # 30 characters are needed
+        assert reason == "length" and len(ids) == 12
+        assert '{"reasoning":"","verdict":"'.startswith(text)  # nothing but the shortest way to close
+        text, ids, reason = decode(g, random_logits(), 40, seed=seed, budget=False)
+        assert g.matches(text) or reason == "length"
+
+
 def test_budget_with_nested_values_and_random_logits():
     schema = {"type": "object", "properties": {
         "items": {"type": "array", "items": {"type": "string"}, "minItems": 2},
@@ -200,6 +210,8 @@ def test_mask_agrees_with_allows_and_greedy_is_exact():
             mask = c.mask(remaining)
             assert mask.tolist() == [c.allows(i, remaining) for i in range(VOCAB.size)], (prefix, remaining)
             logits = torch.randn(VOCAB.size, generator=gen)
+            if remaining is not None and c.closing_cost > remaining:  # out of budget: the shortest way
+                mask = c.mask(c.closing_cost)
             best = int(torch.where(mask, logits, torch.tensor(float("-inf"))).argmax())
             assert c.choose(logits, 0.0, 1.0, None, remaining) == best
     old = C.TokenConstraint(g, VOCAB)  # the signature without remaining still works

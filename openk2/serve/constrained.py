@@ -1019,6 +1019,8 @@ class TokenConstraint:
         ``remaining``: tokens left before max_tokens (None: no budget).
         """
         logits = logits.float()
+        if remaining is not None:
+            remaining = max(remaining, self.closing_cost)  # a budget that cannot be met: the shortest way to close
         seen: dict[int, bool] = {}
 
         def ok(tok: int) -> bool:
@@ -1031,18 +1033,27 @@ class TokenConstraint:
             for tok in top:
                 if ok(tok):
                     return tok
-            return int(torch.where(self.mask(remaining), logits, torch.tensor(float("-inf"))).argmax())
+            return int(torch.where(self._full_mask(remaining), logits, torch.tensor(float("-inf"))).argmax())
         probs = sampling_probs(logits, temperature, top_p)
         for tok in torch.multinomial(probs, tries, replacement=True, generator=generator).tolist():
             if ok(tok):
                 return tok
-        allowed = self.mask(remaining)
+        allowed = self._full_mask(remaining)
         constrained = probs * allowed
         if float(constrained.sum()) <= 0:  # nothing allowed inside the nucleus: the whole distribution
             constrained = sampling_probs(logits, temperature) * allowed
         if float(constrained.sum()) <= 0:  # the model puts no mass on any allowed token
             constrained = allowed.float()
         return int(torch.multinomial(constrained, 1, generator=generator))
+
+
+    def _full_mask(self, remaining: int | None) -> torch.Tensor:
+        allowed = self.mask(remaining)
+        if not bool(allowed.any()) and remaining is not None:
+            allowed = self.mask(None)  # no single-character way to close in this vocabulary: drop the budget
+        if not bool(allowed.any()):
+            raise RuntimeError(f"no token of the vocabulary continues the constrained output after {self.text!r}")
+        return allowed
 
 
 def _limit(remaining: int | None) -> int:
