@@ -229,14 +229,17 @@ def test_plan_tool_choice_for_both_syntaxes():
     assert (named.prefix, named.suffix, named.first_call_index) == ('<tool_call>{"name": "get_weather", "arguments": ', "}</tool_call>", 1)
     assert named.arguments_schema == SCHEMAS["get_weather"] and named.alternatives == []
     req = plan_tool_choice(WEATHER_Q, TOOLS, "required", syntax="tagged")
-    assert req.prefix == "<tool_call>" and req.arguments_schema is None and req.suffix == ""
-    assert req.alternatives == [('{"name": "get_weather", "arguments": ', SCHEMAS["get_weather"], "}</tool_call>"),
-                                ('{"name": "get_time", "arguments": ', SCHEMAS["get_time"], "}</tool_call>")]
+    # the headers' shared text is forced, the rest is one alternative per tool
+    assert req.prefix == '<tool_call>{"name": "get_' and req.arguments_schema is None and req.suffix == ""
+    assert req.alternatives == [('weather", "arguments": ', SCHEMAS["get_weather"], "}</tool_call>"),
+                                ('time", "arguments": ', SCHEMAS["get_time"], "}</tool_call>")]
     k2 = plan_tool_choice(PLAIN, TOOLS, "required")
-    assert k2.prefix == st.TOOL_CALLS_SECTION_BEGIN + st.TOOL_CALL_BEGIN
+    assert k2.prefix == st.TOOL_CALLS_SECTION_BEGIN + st.TOOL_CALL_BEGIN + "functions.get_"
     assert k2.suffix == st.TOOL_CALLS_SECTION_END and {a[2] for a in k2.alternatives} == {st.TOOL_CALL_END}
-    assert [a[0] for a in k2.alternatives] == [f"functions.get_weather:1{st.TOOL_CALL_ARGUMENT_BEGIN}",
-                                               f"functions.get_time:1{st.TOOL_CALL_ARGUMENT_BEGIN}"]
+    assert [a[0] for a in k2.alternatives] == [f"weather:1{st.TOOL_CALL_ARGUMENT_BEGIN}", f"time:1{st.TOOL_CALL_ARGUMENT_BEGIN}"]
+    nested = plan_tool_choice(WEATHER_Q, [{"name": "get"}, {"name": "get_x"}], "required", syntax="tagged")
+    assert nested.prefix == '<tool_call>{"name": "get' and [a[0] for a in nested.alternatives] == [
+        '", "arguments": ', '_x", "arguments": ']
     one = plan_tool_choice(WEATHER_Q, [WEATHER], "required")  # one tool: the named plan
     assert one == plan_tool_choice(WEATHER_Q, [WEATHER], NAMED)
     assert one.prefix.endswith(f"functions.get_weather:0{st.TOOL_CALL_ARGUMENT_BEGIN}") and one.arguments_schema is not None
@@ -280,30 +283,22 @@ def test_prepare_chat_compiles_one_alternative_per_tool_into_a_choice_grammar(sm
     _, params, plan = smol.prepare_chat(WEATHER_Q, TOOLS, "required", SamplingParams(json_schema={"type": "object"}))
     g = params.grammar
     assert isinstance(g, grammar_cls) and params.json_schema is None
-    assert plan.prefix == TOOL_CALL_OPEN and len(plan.alternatives) == 2
-    assert g.matches('{"name": "get_time", "arguments": {"timezone": "CET"}}</tool_call>')
-    assert g.matches('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "f"}}</tool_call>')
-    for bad in ['{"name": "get_stock", "arguments": {}}</tool_call>',           # not a declared tool
-                '{"name": "get_weather", "arguments": {"unit": "c"}}</tool_call>',  # city is required
-                '{"name": "get_time", "arguments": {"city": "Oslo"}}</tool_call>',  # the other tool's arguments
-                '{"name": "get_time", "arguments": {"timezone": "CET"}}']:          # not closed
+    assert plan.prefix == '<tool_call>{"name": "get_' and len(plan.alternatives) == 2
+    assert g.matches('time", "arguments": {"timezone": "CET"}}</tool_call>')
+    assert g.matches('weather", "arguments": {"city": "Oslo", "unit": "f"}}</tool_call>')
+    for bad in ['stock", "arguments": {}}</tool_call>',           # not a declared tool
+                'weather", "arguments": {"unit": "c"}}</tool_call>',  # city is required
+                'time", "arguments": {"city": "Oslo"}}</tool_call>',  # the other tool's arguments
+                'time", "arguments": {"timezone": "CET"}}']:          # not closed
         assert not g.matches(bad), bad
     # K2: the alternatives hold special tokens, which only the special tokens themselves produce
     k2 = k2_model()
     _, params, plan = k2.prepare_chat(WEATHER_Q, TOOLS, "required", SamplingParams())
-    assert params.grammar.matches(f'functions.get_time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"timezone": "CET"}}{st.TOOL_CALL_END}')
-    assert not params.grammar.matches(f'functions.get_time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"city": "Oslo"}}{st.TOOL_CALL_END}')
+    assert params.grammar.matches(f'time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"timezone": "CET"}}{st.TOOL_CALL_END}')
+    assert not params.grammar.matches(f'time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"city": "Oslo"}}{st.TOOL_CALL_END}')
     TokenConstraint(params.grammar, k2.token_vocab())  # the vocabulary has every special token the grammar needs
-    r = k2.finish_chat(f'functions.get_time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"timezone": "CET"}}{st.TOOL_CALL_END}', plan, TOOLS)
+    r = k2.finish_chat(f'time:0{st.TOOL_CALL_ARGUMENT_BEGIN}{{"timezone": "CET"}}{st.TOOL_CALL_END}', plan, TOOLS)
     assert r.ok and [(c.id, c.arguments) for c in r.tool_calls] == [("functions.get_time:0", {"timezone": "CET"})]
-
-
-def _engine_uses_grammar() -> bool:
-    import inspect
-
-    from openk2.serve import engine
-
-    return ".grammar" in inspect.getsource(engine.DecodeBatch)
 
 
 # --------------------------------------------------------------------------- real decoding
@@ -325,10 +320,19 @@ def test_smollm2_required_makes_a_valid_weather_call(smol):
     jsonschema.validate(json.loads(call["function"]["arguments"]), SCHEMAS["get_weather"])
 
 
+def test_smollm2_auto_call_is_parsed_and_none_stops_where_the_call_would_start(smol):
+    # asked to echo a call, SmolLM2 writes one: auto parses it, none cuts the completion at <tool_call>
+    echo = [{"role": "user", "content": 'Repeat exactly, nothing else: '
+             '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'}]
+    req, r = _run(smol, echo, [WEATHER], "auto", 32)
+    assert TOOL_CALL_OPEN in req.text and r.errors == []
+    assert [(c.id, c.name, c.arguments) for c in r.tool_calls] == [("functions.get_weather:0", "get_weather", {"city": "Paris"})]
+    req, r = _run(smol, echo, [WEATHER], "none", 32)
+    assert req.finish_reason == "stop" and TOOL_CALL_OPEN not in req.text and r.tool_calls == [] and r.errors == []
+
+
 def test_smollm2_required_with_two_tools_picks_a_declared_one_with_valid_arguments(smol):
-    _choice_grammar()
-    if not _engine_uses_grammar():
-        pytest.skip("openk2.serve.engine does not use SamplingParams.grammar yet")
+    _choice_grammar()  # and an engine that decodes under SamplingParams.grammar
     req, r = _run(smol, WEATHER_Q, TOOLS, "required", 48)
     assert req.finish_reason == "stop" and r.errors == [] and len(r.tool_calls) == 1, (req.text, r.errors)
     call = r.tool_calls[0]

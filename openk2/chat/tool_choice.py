@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -62,7 +63,8 @@ def plan_tool_choice(messages: Sequence[Message], tools: Sequence[dict[str, Any]
 
     ``syntax``: ``k2`` (K2's special-token format) or ``tagged`` (``<tool_call>{"name": ...,
     "arguments": ...}</tool_call>``, :mod:`openk2.chat.tool_prompt`). With one possible tool
-    the whole call header is forced and only the arguments are constrained.
+    the whole call header is forced and only the arguments are constrained; with several, the
+    text their headers share (``functions.get_``) is forced and the rest is one alternative per tool.
     """
     if syntax not in SYNTAXES:
         raise ValueError(f"syntax must be one of {', '.join(SYNTAXES)}, got {syntax!r}")
@@ -97,4 +99,8 @@ def plan_tool_choice(messages: Sequence[Message], tools: Sequence[dict[str, Any]
         head, schema, tail = alternatives[0]
         return ToolChoicePlan(prefix=prefix + head, arguments_schema=schema, suffix=tail + suffix,
                               first_call_index=idx, syntax=syntax)
-    return ToolChoicePlan(prefix=prefix, suffix=suffix, alternatives=alternatives, first_call_index=idx, syntax=syntax)
+    # the text every alternative starts with is forced too: fewer tokens to decode under the grammar
+    common = os.path.commonprefix([a[0] for a in alternatives])
+    alternatives = [(head[len(common):], schema, tail) for head, schema, tail in alternatives]
+    return ToolChoicePlan(prefix=prefix + common, suffix=suffix, alternatives=alternatives, first_call_index=idx,
+                          syntax=syntax)
