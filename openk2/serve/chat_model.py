@@ -18,7 +18,7 @@ none gets openk2's default, ``k2-instruct-0905``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -58,7 +58,7 @@ class ChatModel:
     template_name: str = DEFAULT_TEMPLATE
     chat_jinja: str | None = None
     template_source: str = "openk2's default; the checkpoint ships none"
-    _tool_probe: tuple[Any, bool] | None = None  # (HF template text, whether it writes tools)
+    _tool_probe: tuple[Any, bool] | None = field(default=None, repr=False)  # (HF template text, whether it writes tools)
 
     def template_banner(self) -> str:
         """e.g. ``k2 format, chat template k2-instruct-0905, from the checkpoint``."""
@@ -159,7 +159,7 @@ class ChatModel:
             if tool_choice not in (None, "auto", "none"):
                 raise ValueError(f"tool_choice={tool_choice!r} needs a tool-call syntax openk2 reads; this model's "
                                  "chat template has its own")
-            return self.chat_prompt_ids(messages, tools), params, ToolChoicePlan(syntax="hf")
+            return self.chat_prompt_ids(messages, tools), params, ToolChoicePlan(syntax="hf")  # calls stay text
         plan = plan_tool_choice(messages, tools, tool_choice, syntax=syntax)
         ids = self.chat_prompt_ids(messages, tools)
         if plan.prefix:
