@@ -57,17 +57,23 @@ def oai(server):
 
 
 class _Slow:
-    """The backend, with a sleep in every decode step (so requests are still decoding when the next one arrives)."""
+    """The backend, with a sleep in every decode step (so requests are still decoding when the next one arrives).
+    Everything else is the backend's own; both engine interfaces are covered (prefill/decode, forward)."""
 
     def __init__(self, backend, delay):
         self._backend, self._delay = backend, delay
 
-    def __getattr__(self, name):  # prefill, merge, select, max_context... exactly as the backend has them
+    def __getattr__(self, name):  # prefill, merge, select, new_cache, max_context... exactly as the backend has them
         return getattr(self._backend, name)
 
     def decode(self, *args, **kwargs):
         time.sleep(self._delay)
         return self._backend.decode(*args, **kwargs)
+
+    def forward(self, ids, *args, **kwargs):  # one call per prefill chunk or decode step
+        if ids.shape[-1] == 1:
+            time.sleep(self._delay)
+        return self._backend.forward(ids, *args, **kwargs)
 
 
 def _slow_model(chat_model, delay=0.05):
@@ -121,6 +127,9 @@ MALFORMED = {
     "unresolvable $ref": (json.dumps(_chat_body(response_format={"type": "json_schema", "json_schema": {
         "name": "a", "schema": {"type": "object", "properties": {"x": {"$ref": "#/$defs/missing"}}, "required": ["x"]}}})).encode(),
         "response_format"),
+    "remote $ref in a tool": (json.dumps(_chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"$ref": "https://example.com/x.json"}}}}}])).encode(),
+        "tools[0].function.parameters"),
     "n too large": (json.dumps(_chat_body(n=17)).encode(), "n"),
     "top_logprobs without logprobs": (json.dumps(_chat_body(top_logprobs=2)).encode(), "top_logprobs"),
     "top_logprobs over 20": (json.dumps(_chat_body(logprobs=True, top_logprobs=21)).encode(), "top_logprobs"),
@@ -192,6 +201,16 @@ def test_unexpected_exception_is_an_openai_500_without_internals(chat_model):
         assert ok.json()["choices"][0]["text"] == "It is 4." and _local_port(ok) == port
 
 
+def test_a_recursive_schema_with_a_root_ref_is_accepted(oai):
+    tree = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 4},
+                                             "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 1}},
+            "required": ["name"]}
+    r = oai.chat.completions.create(model=NAME, messages=HELLO_Q, temperature=0, max_tokens=64, response_format={
+        "type": "json_schema", "json_schema": {"name": "tree", "schema": tree}})
+    value = json.loads(r.choices[0].message.content)
+    assert isinstance(value["name"], str) and len(value["name"]) <= 4
+
+
 # --------------------------------------------------------------------------- one request's failure stays its own
 
 
@@ -227,23 +246,25 @@ def test_a_bad_request_does_not_fail_the_requests_decoding_beside_it(chat_model)
     assert [r.json()["choices"][0]["message"]["content"] for r in results] == [HELLO_A] * 3
 
 
-class _Poisoned:
-    """The backend, failing the prefill of any prompt that contains the word 'poison'."""
+class _Poisoned(_Slow):
+    """The slow backend, failing the prefill of any prompt that contains the word 'poison'."""
 
     def __init__(self, chat_model, delay):
-        self._backend, self._delay, self._decode_text = chat_model.backend, delay, chat_model.decode
+        super().__init__(chat_model.backend, delay)
+        self._decode_text = chat_model.decode
 
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
+    def _check(self, prompts):
+        if any("poison" in self._decode_text(list(p)) for p in prompts):
+            raise RuntimeError("CUDA-ish failure in prefill")
 
     def prefill(self, prompts, *args, **kwargs):
-        if any("poison" in self._decode_text(p) for p in prompts):
-            raise RuntimeError("CUDA-ish failure in prefill")
+        self._check(prompts)
         return self._backend.prefill(prompts, *args, **kwargs)
 
-    def decode(self, *args, **kwargs):
-        time.sleep(self._delay)
-        return self._backend.decode(*args, **kwargs)
+    def forward(self, ids, *args, **kwargs):
+        if ids.shape[-1] > 1:
+            self._check(ids.tolist())
+        return super().forward(ids, *args, **kwargs)
 
 
 def test_an_engine_error_is_that_requests_500_only(chat_model):
@@ -308,10 +329,13 @@ def test_omitted_max_tokens_is_clamped_to_the_context(oai):
 
 
 def test_n_choices_share_a_prompt_and_follow_their_seeds(oai):
+    one = oai.chat.completions.create(model=NAME, messages=HELLO_Q, temperature=0)
     r = oai.chat.completions.create(model=NAME, messages=HELLO_Q, temperature=0, n=2)
     assert [c.index for c in r.choices] == [0, 1]
-    assert [c.message.content for c in r.choices] == [HELLO_A] * 2
-    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (52, 32, 84)
+    assert [c.message.content for c in r.choices] == [one.choices[0].message.content] * 2
+    u = one.usage
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (
+        u.prompt_tokens, 2 * u.completion_tokens, u.prompt_tokens + 2 * u.completion_tokens)
 
     q = [{"role": "user", "content": "Ramble."}]
     many = oai.chat.completions.create(model=NAME, messages=q, temperature=1.0, seed=7, n=3, max_tokens=8)
@@ -348,8 +372,9 @@ def test_n_completions(oai):
 
 def _first_token_logprobs(chat_model, messages):
     ids, _, _ = chat_model.prepare_chat(messages, None, None, SamplingParams())
-    logits, _ = chat_model.backend.prefill([ids], 1)
-    return torch.log_softmax(logits[0].float(), dim=-1)
+    with torch.inference_mode():  # the model itself, no cache, no batching
+        logits = chat_model.backend.model(torch.tensor([ids])).logits[0, -1]
+    return torch.log_softmax(logits.float(), dim=-1)
 
 
 def test_chat_logprobs_match_the_model(oai, chat_model):

@@ -45,6 +45,7 @@ from typing import Any, AsyncIterator, Callable
 
 from openk2.chat.schema import response_schema, schema_problem
 from openk2.data import special_tokens as st
+from openk2.serve import engine as engine_module
 from openk2.serve.engine import Engine, EngineClosed, GenRequest, SamplingParams
 
 log = logging.getLogger("openk2.serve")
@@ -271,7 +272,7 @@ def _check_schema(schema: dict, param: str) -> None:
 
 
 def _check_refs(schema: dict, param: str) -> None:
-    """400 unless every ``$ref`` in ``schema`` is local (``#/...``) and names an object schema in it
+    """400 unless every ``$ref`` in ``schema`` is local (``#`` or ``#/...``) and names a schema in it
     (remote references are never fetched; constrained decoding resolves only local ones)."""
     todo: list[Any] = [schema]
     while todo:
@@ -279,16 +280,19 @@ def _check_refs(schema: dict, param: str) -> None:
         if isinstance(node, dict):
             ref = node.get("$ref")
             if isinstance(ref, str):
-                if not ref.startswith("#/"):
+                if not (ref == "#" or ref.startswith("#/")):
                     raise APIError(400, f"{param}: $ref {ref!r} is not supported (only local references, '#/...')", param)
                 target: Any = schema
-                for part in ref[2:].split("/"):
+                for part in ref[2:].split("/") if ref != "#" else []:
                     part = part.replace("~1", "/").replace("~0", "~")
-                    if not isinstance(target, dict) or part not in target:
+                    if isinstance(target, dict) and part in target:
+                        target = target[part]
+                    elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                        target = target[int(part)]
+                    else:
                         raise APIError(400, f"{param}: $ref {ref!r} does not resolve to anything in the schema", param)
-                    target = target[part]
-                if not isinstance(target, dict):
-                    raise APIError(400, f"{param}: $ref {ref!r} does not name a schema object", param)
+                if not isinstance(target, (dict, bool)):
+                    raise APIError(400, f"{param}: $ref {ref!r} does not name a schema", param)
             todo.extend(node.values())
         elif isinstance(node, list):
             todo.extend(node)
@@ -332,6 +336,15 @@ def _compile_grammar(schema: dict[str, Any], param: str) -> Any:
 def _seed(seed: int | None, i: int) -> int | None:
     """Choice i's seed: seed + i, kept in int64."""
     return None if seed is None else (seed + i + 2**63) % 2**64 - 2**63
+
+
+_PARAMS = ("max_tokens", "temperature", "top_p", "seed", "stop", "top_logprobs", "logprobs", "n", "prompt")
+
+
+def _param_named(message: str) -> str | None:
+    """The request field an engine error message starts with, if it names one."""
+    first = message.split(" ", 1)[0]
+    return first if first in _PARAMS else ("response_format" if first == "response" else None)
 
 
 def _finite(x: float) -> float:
@@ -566,8 +579,8 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
                            f"context of {context} tokens", "max_tokens", "context_length_exceeded")
         return dataclasses.replace(params, max_tokens=explicit)
 
-    def submit(ids: list[int], params: SamplingParams, n: int,
-               stream: bool) -> tuple[list[GenRequest], asyncio.Queue | None, asyncio.Event]:
+    async def submit(ids: list[int], params: SamplingParams, n: int,
+                     stream: bool) -> tuple[list[GenRequest], asyncio.Queue | None, asyncio.Event]:
         """n requests for one prompt (choice i seeded seed + i). Streaming: (i, token) events, then (i, None)."""
         engine: Engine = state["engine"]
         if engine.pending + n > limits.max_queue:
@@ -595,14 +608,19 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
 
         reqs = [GenRequest(ids, params if i == 0 else dataclasses.replace(params, seed=_seed(params.seed, i)),
                            on_token=on_token_of(i)) for i in range(n)]
+        prepare = getattr(engine_module, "prepare", None)  # the engine's own checks and constraint set-up
         try:
+            if prepare is not None:  # on a worker thread: it builds the token constraint (and the vocabulary once)
+                await asyncio.to_thread(lambda: [prepare(r, chat_model) for r in reqs])
             for r in reqs:
                 engine.submit(r)
         except EngineClosed:
-            for r in reqs:
-                r.cancelled = True
+            cancel(reqs)
             raise APIError(503, "the server is shutting down", code="shutting_down", type_="server_error",
                            headers={"Retry-After": "5"}) from None
+        except ValueError as e:  # the engine's InvalidRequest: what this server's checks did not catch
+            cancel(reqs)
+            raise APIError(400, str(e), _param_named(str(e))) from None
         return reqs, events, all_done
 
     def cancel(reqs: list[GenRequest]) -> None:
@@ -695,7 +713,7 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
             return msg, reason
 
         if not stream:
-            reqs, _, all_done = submit(ids, params, n, stream=False)
+            reqs, _, all_done = await submit(ids, params, n, stream=False)
             await wait(request, reqs, all_done)
             choices = []
             for i, req in enumerate(reqs):
@@ -705,7 +723,7 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
             return {"id": rid, "object": "chat.completion", "created": now, "model": chat_model.name,
                     "choices": choices, "usage": usage(reqs)}
 
-        reqs, events, _ = submit(ids, params, n, stream=True)
+        reqs, events, _ = await submit(ids, params, n, stream=True)
         holdback = max((len(s) for s in params.stop), default=1) - 1
 
         def chunk(i: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> str:
@@ -794,7 +812,7 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
             return "length" if req.finish_reason == "length" else "stop"
 
         if not stream:
-            reqs, _, all_done = submit(ids, params, n, stream=False)
+            reqs, _, all_done = await submit(ids, params, n, stream=False)
             await wait(request, reqs, all_done)
             return {"id": rid, "object": "text_completion", "created": now, "model": chat_model.name,
                     "choices": [{"index": i, "text": r.text,
@@ -802,7 +820,7 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
                                  "finish_reason": reason_of(r)} for i, r in enumerate(reqs)],
                     "usage": usage(reqs)}
 
-        reqs, events, _ = submit(ids, params, n, stream=True)
+        reqs, events, _ = await submit(ids, params, n, stream=True)
         holdback = max((len(s) for s in params.stop), default=1) - 1
 
         def chunk(i: int, text: str, reason: str | None = None, logprobs: Any = None) -> str:
