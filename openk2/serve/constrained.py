@@ -132,10 +132,10 @@ class SchemaGrammar:
         self.specials: dict[str, str] = {}  # special token text -> its one-character symbol
         for t in special_texts:
             self._special_symbol(t)
-        self.expand = lru_cache(maxsize=100_000)(self._expand)
-        self._item_cost = lru_cache(maxsize=100_000)(self._item_cost_uncached)
-        self._stack_cost = lru_cache(maxsize=100_000)(self._stack_cost_uncached)
-        self._pattern_cost = lru_cache(maxsize=20_000)(self._pattern_cost_uncached)
+        self.expand = lru_cache(maxsize=32_768)(self._expand)
+        self._item_cost = lru_cache(maxsize=32_768)(self._item_cost_uncached)
+        self._stack_cost = lru_cache(maxsize=32_768)(self._stack_cost_uncached)
+        self._pattern_cost = lru_cache(maxsize=8_192)(self._pattern_cost_uncached)
         self._props = lru_cache(maxsize=None)(self._object_props)
         self._min_value_memo: dict[tuple[int, int], int] = {}
         starts: list[Stack] = []
@@ -919,8 +919,20 @@ class TokenVocab:
                         for ch in t:
                             node = node.setdefault(ch, {})
                         node.setdefault(None, []).append(i)
+                    _heights(root)
                     self._trie = root
         return self._trie
+
+
+def _heights(root: dict) -> None:
+    """Store under key 0 of every trie node the most characters below it (iteratively: tokens can be long)."""
+    order, todo = [], [root]
+    while todo:
+        node = todo.pop()
+        order.append(node)
+        todo.extend(child for ch, child in node.items() if isinstance(ch, str))
+    for node in reversed(order):
+        node[0] = max((child[0] + 1 for ch, child in node.items() if isinstance(ch, str)), default=0)
 
 
 class TokenConstraint:
@@ -988,6 +1000,9 @@ class TokenConstraint:
         g = self.grammar
         limit = _limit(remaining)
         todo = [(self.vocab.trie(), self.state)]
+        # one character lowers the closing cost by at most one, so with a budget a subtree whose deepest
+        # token cannot bring the cost within the limit is skipped
+        budget = remaining is not None
         while todo:
             node, state = todo.pop()
             for ch, child in node.items():
@@ -995,8 +1010,10 @@ class TokenConstraint:
                     if g.closing_cost(state) <= limit:
                         ids.extend(child)
                     continue
+                if ch == 0:
+                    continue
                 nxt = g.step(state, ch)
-                if nxt:
+                if nxt and not (budget and g.closing_cost(nxt) - child[0] > limit):
                     todo.append((child, nxt))
         for i, sym in self._symbols.items():
             nxt = g.step(self.state, sym)
