@@ -360,6 +360,18 @@ def test_n_streaming_sends_each_choice_with_its_index(oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 48
 
 
+def test_n_streaming_tool_calls(oai):
+    chunks = list(oai.chat.completions.create(model=NAME, messages=WEATHER_Q, tools=[WEATHER_TOOL], temperature=0,
+                                              n=2, stream=True))
+    calls = {0: [], 1: []}
+    for ch in chunks:
+        for c in ch.choices:
+            calls[c.index] += [(tc.function.name, tc.function.arguments) for tc in c.delta.tool_calls or []]
+            assert not c.delta.content
+    assert calls == {0: [("get_weather", '{"city": "Paris"}')], 1: [("get_weather", '{"city": "Paris"}')]}
+    assert sorted(c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason) == ["tool_calls"] * 2
+
+
 def test_n_completions(oai):
     r = oai.completions.create(model=NAME, prompt=TWO_PLUS_TWO, max_tokens=8, temperature=0, n=2)
     assert [(c.index, c.text) for c in r.choices] == [(0, "It is 4."), (1, "It is 4.")]
