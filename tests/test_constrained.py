@@ -202,8 +202,10 @@ def test_mask_agrees_with_allows_and_greedy_is_exact():
                                                "n": {"type": "integer", "minimum": 10, "maximum": 20}},
               "required": ["name", "n"]}
     g = C.SchemaGrammar(schema)
+    long_names = C.SchemaGrammar({"type": "array", "items": {"type": "string", "minLength": 6}, "minItems": 1})
     gen = torch.Generator().manual_seed(1)
-    for prefix in ("", '{"', '{"name": "ab', '{"name":"abcde', '{"name":"x","n":1', '{"name":"x","n":20'):
+    for g, prefix in [(g, p) for p in ("", '{"', '{"name": "ab', '{"name":"abcde', '{"name":"x","n":1', '{"name":"x","n":20')] + \
+            [(long_names, p) for p in ('["', '["abc', '["abcdef', '["abcdefg", "')]:
         c = C.TokenConstraint(g, VOCAB)
         c.state = g.advance(g.initial(), prefix)
         for remaining in (None, 4, 12):
@@ -214,7 +216,7 @@ def test_mask_agrees_with_allows_and_greedy_is_exact():
                 mask = c.mask(c.closing_cost)
             best = int(torch.where(mask, logits, torch.tensor(float("-inf"))).argmax())
             assert c.choose(logits, 0.0, 1.0, None, remaining) == best
-    old = C.TokenConstraint(g, VOCAB)  # the signature without remaining still works
+    old = C.TokenConstraint(C.SchemaGrammar(schema), VOCAB)  # the signature without remaining still works
     assert TEXTS[old.choose(torch.zeros(VOCAB.size), 0.0, 1.0, None)] in ("{", '{"')
     assert TEXTS[old.choose(torch.zeros(VOCAB.size), 1.0, 1.0, torch.Generator().manual_seed(0))] in ("{", '{"')
 

@@ -886,6 +886,7 @@ class TokenVocab:
         self.special = {i: t for i, t in (special or {}).items() if i not in self.eos}
         self.size = len(self.texts)
         self._trie: dict | None = None
+        self._content: tuple[torch.Tensor, list[int]] | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -905,6 +906,24 @@ class TokenVocab:
                 continue
             texts.append(t if t and "\ufffd" not in t else None)
         return cls(texts, eos_ids, special_texts)
+
+    def string_content(self) -> tuple[torch.Tensor, list[int]]:
+        """(length of every token that is plain string content, -1 for the others; the ids of the
+        tokens with text that holds a quote, a backslash or a control character)."""
+        if self._content is None:
+            with self._lock:
+                if self._content is None:
+                    lengths, others = [], []
+                    for i, t in enumerate(self.texts):
+                        if t is None:
+                            lengths.append(-1)
+                        elif any(c in '"\\' or c < " " or ord(c) >= SPECIAL_BASE for c in t):
+                            lengths.append(-1)
+                            others.append(i)
+                        else:
+                            lengths.append(len(t))
+                    self._content = (torch.tensor(lengths, dtype=torch.long), others)
+        return self._content
 
     def trie(self) -> dict:
         """A character trie of the token texts (built once per vocabulary)."""
@@ -995,10 +1014,14 @@ class TokenConstraint:
 
     def mask(self, remaining: int | None = None) -> torch.Tensor:
         """Bool [vocab] of every allowed token (a trie walk over the vocabulary)."""
-        allowed = torch.zeros(self.vocab.size, dtype=torch.bool)
-        ids: list[int] = []
         g = self.grammar
         limit = _limit(remaining)
+        if len(self.state) == 1:
+            (stack,) = self.state
+            if stack[-1][0] == "S":
+                return self._string_mask(stack, remaining, limit)
+        allowed = torch.zeros(self.vocab.size, dtype=torch.bool)
+        ids: list[int] = []
         todo = [(self.vocab.trie(), self.state)]
         # one character lowers the closing cost by at most one, so with a budget a subtree whose deepest
         # token cannot bring the cost within the limit is skipped
@@ -1024,6 +1047,23 @@ class TokenConstraint:
         if g.accepting(self.state):
             allowed[torch.tensor(self.vocab.eos_ids, dtype=torch.long)] = True
         return allowed
+
+    def _string_mask(self, stack: Stack, remaining: int | None, limit: int) -> torch.Tensor:
+        """The mask inside a plain string (one stack): every token of plain content that fits the length
+        and the budget at once, the few tokens with a quote, backslash or control character one by one."""
+        _, lo, hi, n = stack[-1]
+        rest = self.grammar._stack_cost(stack[:-1])
+        lengths, others = self.vocab.string_content()
+        allowed = (lengths > 0) & (lengths <= hi - n)
+        if remaining is not None:
+            allowed &= rest + (lo - n - lengths).clamp(min=0) + 1 <= limit
+        for i in others:
+            if self.allows(i, remaining):
+                allowed[i] = True
+        for i in self._symbols:
+            if self.allows(i, remaining):
+                allowed[i] = True
+        return allowed  # a string is never a complete value: no EOS
 
     def choose(self, logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None,
                remaining: int | None = None, *, tries: int = 16) -> int:
