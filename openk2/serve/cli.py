@@ -48,7 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for recently prefilled prompts whose KV later prompts reuse (0 disables)")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="wait this long to gather a batch")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of chat requests that name none")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens of chat requests that name none (default: the context the prompt leaves, "
+                        "up to --max-tokens-limit)")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context minus one")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20)
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 503")
@@ -67,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("max_batch_size", "max_tokens_limit", "default_max_tokens", "max_body_bytes", "max_queue"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise OpenK2Error(f"--{name.replace('_', '-')} must be at least 1")
     if args.prefill_chunk is not None and args.prefill_chunk < 1:
         raise OpenK2Error("--prefill-chunk must be at least 1")
@@ -88,7 +90,8 @@ def main(args: argparse.Namespace) -> int:
         chat_model.name = args.model_name
     limits = ServerLimits(max_tokens=args.max_tokens_limit, max_prompt_tokens=args.max_prompt_tokens,
                           max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                          default_max_tokens=min(args.default_max_tokens, args.max_tokens_limit))
+                          default_max_tokens=None if args.default_max_tokens is None
+                          else min(args.default_max_tokens, args.max_tokens_limit))
     engine = Engine(chat_model, max_batch_size=args.max_batch_size, batch_window_s=args.batch_window_ms / 1000.0,
                     prefill_chunk=args.prefill_chunk, prefix_cache_mb=args.prefix_cache_mb)
     app = create_app(chat_model, limits=limits, api_key=args.api_key, engine=engine)

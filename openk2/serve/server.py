@@ -64,7 +64,9 @@ class ServerLimits:
     max_prompt_tokens: int | None = None  # default: the model's context minus one
     max_body_bytes: int = 1 << 20
     max_queue: int = 256  # waiting requests before 503
-    default_max_tokens: int = 256  # chat requests that name none (clamped to the context left)
+    # chat requests that name none: this many, clamped to the context the prompt leaves;
+    # None (the default): all of it, up to max_tokens
+    default_max_tokens: int | None = None
 
 
 class APIError(Exception):
@@ -566,13 +568,15 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
                            "model_not_found")
         return body
 
-    def sized(ids: list[int], params: SamplingParams, explicit: int | None, default: int, param: str) -> SamplingParams:
+    def sized(ids: list[int], params: SamplingParams, explicit: int | None, default: int | None,
+              param: str) -> SamplingParams:
         """``params`` with max_tokens: the request's (which must fit the context) or, when it named
         none, ``default`` clamped to the context the prompt leaves."""
         if len(ids) > max_prompt:
             raise APIError(400, f"the prompt has {len(ids)} tokens, over the limit of {max_prompt}", param,
                            "context_length_exceeded")
         if explicit is None:
+            default = limits.max_tokens if default is None else default
             return dataclasses.replace(params, max_tokens=max(1, min(default, limits.max_tokens, context - len(ids))))
         if len(ids) + explicit > context:
             raise APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({explicit}) exceeds the model's "
