@@ -144,8 +144,7 @@ def prepare(req: GenRequest, chat_model: Any) -> GenRequest:
         if grammar is None and p.json_schema is not None:
             from openk2.serve import constrained
 
-            compile_ = getattr(constrained, "grammar_for", None) or constrained.SchemaGrammar
-            grammar = compile_(p.json_schema)
+            grammar = constrained.grammar_for(p.json_schema)
         if grammar is not None:
             from openk2.serve.constrained import TokenConstraint
 
@@ -373,10 +372,8 @@ class Scheduler:
             logits = logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
         remaining = p.max_tokens - len(r.output_ids)
         if r._constraint is not None:
-            try:
-                tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator, remaining=remaining)
-            except TypeError:  # a constraint without the token budget
-                tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator)
+            # the token budget lets the value close within max_tokens
+            tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator, remaining=remaining)
             r._constraint.accept(tok)
         else:
             tok = int(sample_next(logits, p.temperature, p.top_p, r._generator))
