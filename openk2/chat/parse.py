@@ -94,6 +94,12 @@ def _parse_call(raw: str, index: int, tools: dict[str, dict[str, Any]] | None) -
         args = json.loads(args_text)
     except json.JSONDecodeError as e:
         return ParseError("invalid_json", f"arguments are not JSON ({e.msg} at char {e.pos})", index, name, raw)
+    return checked_call(name, args, m.group(2), index, raw, tools)
+
+
+def checked_call(name: str, args: Any, call_index: Any, index: int, raw: str,
+                 tools: dict[str, dict[str, Any]] | None) -> ToolCall | ParseError:
+    """A parsed call's arguments checked (an object, a declared tool, its schema): the call, or what is wrong."""
     if not isinstance(args, dict):
         return ParseError("not_an_object", f"arguments must be a JSON object, got {type(args).__name__}", index, name, raw)
     if tools is not None:
@@ -103,7 +109,7 @@ def _parse_call(raw: str, index: int, tools: dict[str, dict[str, Any]] | None) -
         problems = schema_errors(args, tools[name])
         if problems:
             return ParseError("schema_violation", "; ".join(problems), index, name, raw)
-    return ToolCall(f"functions.{name}:{m.group(2)}", name, args)
+    return ToolCall(f"functions.{name}:{call_index}", name, args)
 
 
 def parse_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None = None) -> ParseResult:

@@ -26,9 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Sequence
 
-from openk2.chat.parse import ParseError, ParseResult, ToolCall, tool_index
+from openk2.chat.parse import ParseError, ParseResult, ToolCall, checked_call, tool_index
 from openk2.chat.render import Message
-from openk2.chat.schema import schema_errors
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -184,16 +183,7 @@ def _parse_one(raw: str, index: int, call_index: int, tools: dict[str, dict[str,
             args = json.loads(args)
         except json.JSONDecodeError as e:
             return ParseError("invalid_json", f"arguments are not JSON ({e.msg} at char {e.pos})", index, name, raw)
-    if not isinstance(args, dict):
-        return ParseError("not_an_object", f"arguments must be a JSON object, got {type(args).__name__}", index, name, raw)
-    if tools is not None:
-        if name not in tools:
-            known = ", ".join(sorted(tools)) or "none"
-            return ParseError("unknown_tool", f"no tool named {name!r} (declared: {known})", index, name, raw)
-        problems = schema_errors(args, tools[name])
-        if problems:
-            return ParseError("schema_violation", "; ".join(problems), index, name, raw)
-    return ToolCall(f"functions.{name}:{call_index}", name, args)
+    return checked_call(name, args, call_index, index, raw, tools)
 
 
 def parse_tagged_tool_calls(text: str, tools: Sequence[dict[str, Any]] | None = None, stops: Sequence[str] = (),
