@@ -37,10 +37,11 @@ class MLACache(KVCache):
     """Absorbed-mode KV cache: per layer the latent c^KV [rows, S, kv_lora] and k^R [rows, S, rope]."""
 
     def __init__(self, config: K2Config, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device,
-                 block: int | None = None, growable: bool = False):
+                 block: int | None = None, max_capacity: int | None = None):
+        """``max_len`` positions per row; with ``block``, capacity grows in such blocks up to ``max_capacity``."""
         features = {"latent": (config.kv_lora_rank,), "k_rope": (config.qk_rope_head_dim,)}
         super().__init__(config.num_hidden_layers, features, batch_size, max_len, dtype, device,
-                         block=block or max_len, max_capacity=None if growable else max_len)
+                         block=block or max_len, max_capacity=max_capacity or max_len)
 
     @property
     def latent(self) -> torch.Tensor:

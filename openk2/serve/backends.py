@@ -27,18 +27,17 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class K2Backend:
     """An openk2 K2ForCausalLM with its absorbed MLA latent KV cache (c^KV and k^R per token and layer)."""
 
-    def __init__(self, model: Any, pad_id: int = 0) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model.eval()
-        self.pad_id = pad_id
         self.max_context = int(model.config.max_position_embeddings)
         self.vocab_size = int(model.config.vocab_size)
         self.prefill_chunk = 256
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
-        c = self.model.config
+        from openk2.model.attention import MLACache
+
         p = self.model.lm_head.weight
-        return KVCache(c.num_hidden_layers, {"latent": (c.kv_lora_rank,), "k_rope": (c.qk_rope_head_dim,)},
-                       rows, capacity, p.dtype, p.device, block=256, max_capacity=self.max_context)
+        return MLACache(self.model.config, rows, capacity, p.dtype, p.device, block=256, max_capacity=self.max_context)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, view: CacheView) -> torch.Tensor:
@@ -52,11 +51,10 @@ class K2Backend:
 class LlamaBackend:
     """A Llama-family transformers model run by openk2's own forward (:mod:`openk2.serve.llama`)."""
 
-    def __init__(self, hf_model: Any, pad_id: int = 0, weights: str = "auto", source_bits: int | None = None) -> None:
+    def __init__(self, hf_model: Any, weights: str = "auto", source_bits: int | None = None) -> None:
         from openk2.serve.llama import LlamaRunner
 
         self.runner = LlamaRunner(hf_model, weights=weights, source_bits=source_bits)
-        self.pad_id = pad_id
         self.max_context = self.runner.shape.max_position
         self.vocab_size = self.runner.shape.vocab
         self.weights = self.runner.weights
@@ -103,9 +101,7 @@ def load_k2(path: str | Path, dtype: torch.dtype | None = None, name: str | None
 
 def k2_chat_model(model: Any, tokenizer: Any, name: str = "k2", load_seconds: float = 0.0) -> ChatModel:
     stop = [i for i in (tokenizer.token_to_id(st.IM_END), getattr(tokenizer, "eos_id", None)) if i is not None]
-    pad = getattr(tokenizer, "pad_id", None)
-    pad = pad if pad is not None else stop[-1]
-    return ChatModel(name, K2Backend(model, pad), tokenizer, "k2", stop, load_seconds)
+    return ChatModel(name, K2Backend(model), tokenizer, "k2", stop, load_seconds)
 
 
 def smollm2_path() -> Path:
@@ -155,9 +151,8 @@ def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype |
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=torch.float32)
     stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     bits = _gguf_bits(Path(path) / gguf_file) if gguf_file else None
-    backend = LlamaBackend(model, pad, weights=weights or _weights_for(dtype), source_bits=bits)
+    backend = LlamaBackend(model, weights=weights or _weights_for(dtype), source_bits=bits)
     del model
     return ChatModel(name or Path(gguf_file or path).stem, backend, tok, "hf", sorted(stop),
                      time.perf_counter() - t0, template_name="the tokenizer's own", template_source="from the model")

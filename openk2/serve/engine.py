@@ -165,11 +165,15 @@ class PrefixStore:
         self.entries: OrderedDict[tuple[int, ...], tuple[np.ndarray, dict[str, torch.Tensor], int]] = OrderedDict()
         self.nbytes = 0
 
+    def wants(self, ids: Sequence[int], size: int) -> bool:
+        """Would :meth:`put` keep this prompt (so its KV is worth copying)?"""
+        return size <= self.max_bytes // 4 and len(ids) >= self.min_tokens and tuple(ids) not in self.entries
+
     def put(self, ids: Sequence[int], features: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in features.values())
-        key = tuple(ids)
-        if size > self.max_bytes // 4 or len(ids) < self.min_tokens or key in self.entries:
+        if not self.wants(ids, size):
             return
+        key = tuple(ids)
         self.entries[key] = (np.asarray(ids, dtype=np.int64), features, size)
         self.nbytes += size
         while self.nbytes > self.max_bytes and self.entries:
@@ -303,7 +307,8 @@ class Scheduler:
         """A prompt is prefilled: it and every waiting request with the same prompt start decoding."""
         self.prefilling = None
         n = len(r.prompt_ids)
-        self.prefix_store.put(r.prompt_ids, self.cache.snapshot(self.staging, n))
+        if self.prefix_store.wants(r.prompt_ids, n * self.cache.bytes_per_token()):
+            self.prefix_store.put(r.prompt_ids, self.cache.snapshot(self.staging, n))
         group = [r]
         if self.waiting:
             same = [w for w in self.waiting if w.prompt_ids == r.prompt_ids]

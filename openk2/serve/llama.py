@@ -132,8 +132,8 @@ class LlamaRunner:
         del self._sd
 
     # ------------------------------------------------------------ weights
-    def _layer(self, i: int, fmt: str) -> dict[str, Any]:
-        sd, p = self._sd, f"model.layers.{i}."
+    def _layer(self, i: int, fmt: str, sd: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        sd, p = self._sd if sd is None else sd, f"model.layers.{i}."
 
         def cat(names: list[str], kind: str = "weight") -> torch.Tensor | None:
             ts = [sd.get(p + n + "." + kind) for n in names]
@@ -175,11 +175,8 @@ class LlamaRunner:
         timings = {}
         for fmt in candidates:
             try:
-                saved, self._sd = self._sd, layer_sd
-                layer = self._layer(0, fmt)
-                self._sd = saved
+                layer = self._layer(0, fmt, layer_sd)
             except Exception:
-                self._sd = saved
                 continue
             dt = torch.float32 if fmt == "fp32" else torch.bfloat16
             total = 0.0
