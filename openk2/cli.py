@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("openk2.data.cli", "train or inspect the byte-level BPE tokenizer"),
     "corpus": ("openk2.data.cli_corpus", "build and describe the multi-domain pre-training corpus"),
     "pretrain": ("openk2.train.cli", "pre-train a K2 model with MuonClip (the main job)"),
+    "sft": ("openk2.sft.cli", "supervised fine-tuning: a base model -> a chat and tool-use model (MuonClip)"),
     "plot": ("openk2.train.cli_plot", "draw a run's curves to PNG"),
     "export": ("openk2.train.cli_export", "export a training checkpoint as an HF directory"),
     "experiment": ("openk2.experiments.cli", "run one of the report's training experiments in miniature"),
