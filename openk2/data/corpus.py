@@ -326,10 +326,17 @@ def evals_documents(cfg: CorpusConfig) -> Iterator[Document]:
             yield Document("text", source, str(lineno), text.strip())
 
 
+def is_domain_name(domain: str) -> bool:
+    """A domain of DOMAINS, or one derived from it ("text-rephrased": a domain of its own the mixture weights)."""
+    base, sep, tag = domain.partition("-")
+    return domain in DOMAINS or (base in DOMAINS and bool(sep) and all(c.isalnum() or c in "-_" for c in tag) and tag != "")
+
+
 def local_documents(cfg: CorpusConfig) -> Iterator[Document]:
     for domain, paths in sorted(cfg.local_files.items()):
-        if domain not in DOMAINS:
-            raise DataError(f"corpus config: local_files domain {domain!r} is not one of {DOMAINS}")
+        if not is_domain_name(domain):
+            raise DataError(f"corpus config: local_files domain {domain!r} is not one of {DOMAINS} "
+                            f"or a domain derived from one (BASE-NAME, e.g. 'text-rephrased')")
         for raw in paths:
             path = Path(raw)
             if path.suffix == ".jsonl":
