@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("openk2.train.cli_export", "export a training checkpoint as an HF directory"),
     "experiment": ("openk2.experiments.cli", "run one of the report's training experiments in miniature"),
     "serve": ("openk2.serve.cli", "OpenAI-compatible HTTP server for a checkpoint"),
+    "sandbox": ("openk2.sandbox.cli", "run untrusted code in an isolated, limited sandbox; serve the SandboxFusion API"),
     "rephrase": ("openk2.rephrase.cli", "rewrite documents in diverse styles, chunk by chunk, with fidelity checks (K2 §2)"),
 }
 
