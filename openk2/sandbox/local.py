@@ -1,0 +1,323 @@
+"""Local backends: Linux namespaces (our own launcher over unshare(2)), bubblewrap, and the rlimit-only fallback.
+
+The host side of a run: start ``_launcher.py`` with pipes, hand it the config, stream stdout/stderr with a
+cap, enforce the wall clock, classify why the run ended. Everything is asyncio; nothing is buffered
+without bound (a flooder is killed at the cap).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from openk2.sandbox.types import (
+    ERROR,
+    KILLED,
+    MEMORY,
+    OK,
+    OUTPUT_LIMIT,
+    TIMEOUT,
+    Limits,
+    RunRequest,
+    RunResult,
+    SandboxError,
+)
+
+LAUNCHER = str(Path(__file__).with_name("_launcher.py"))
+SANDBOX_WORKDIR = "/sandbox"
+# The read-only view of the system: these host paths (when they exist), plus the Python installation.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+KILL_GRACE_S = 2.0
+_MEMORY_RE = re.compile(rb"MemoryError|Cannot allocate memory|std::bad_alloc|[Oo]ut of memory|ENOMEM")
+
+
+def python_paths() -> list[str]:
+    """The interpreter's installation(s): the sandboxed program runs the same Python, read-only."""
+    paths = []
+    for p in (sys.base_prefix, sys.prefix, os.path.dirname(os.path.realpath(sys.executable))):
+        p = os.path.realpath(p)
+        if p not in paths:
+            paths.append(p)
+    return paths
+
+
+def _covered(path: str, by: list[str]) -> bool:
+    return any(path == b or path.startswith(b.rstrip("/") + "/") for b in by)
+
+
+def ro_paths(extra: tuple[str, ...] = ()) -> list[str]:
+    out: list[str] = []
+    for p in (*SYSTEM_PATHS, *python_paths(), *extra):
+        if os.path.dirname(p) == "/" and os.path.islink(p):  # /bin -> usr/bin: recreated as the same link
+            out.append(p)
+            continue
+        real = os.path.realpath(p)
+        if os.path.exists(real) and not _covered(real, [os.path.realpath(x) for x in out]):
+            out.append(real)
+    return out
+
+
+def default_env(extra: dict[str, str] | None = None, workdir: str = SANDBOX_WORKDIR) -> dict[str, str]:
+    bindir = os.path.dirname(sys.executable)
+    env = {
+        "PATH": f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": workdir, "TMPDIR": "/tmp", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1", "PYTHONIOENCODING": "utf-8",
+        # one thread per BLAS/OpenMP pool: threads count against RLIMIT_NPROC and RLIMIT_AS
+        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    }
+    env.update(extra or {})
+    return env
+
+
+class _Capped:
+    """A byte buffer that keeps the first `limit` bytes and notes what it dropped."""
+
+    def __init__(self, limit: int):
+        self.limit, self.buf, self.over = limit, bytearray(), False
+
+    def add(self, chunk: bytes) -> bool:
+        room = self.limit - len(self.buf)
+        if room > 0:
+            self.buf += chunk[:room]
+        if len(chunk) > room:
+            self.over = True
+        return self.over
+
+
+async def _pump(stream: asyncio.StreamReader, cap: _Capped, on_over) -> None:
+    while True:
+        chunk = await stream.read(1 << 16)
+        if not chunk:
+            return
+        if cap.add(chunk) and on_over is not None:
+            on_over()
+            on_over = None
+
+
+async def _read_pipe(fd: int) -> bytes:
+    """All of a pipe's bytes, read on the event loop (the status can be larger than a pipe buffer)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 30)
+    f = os.fdopen(fd, "rb", 0)
+    transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), f)
+    try:
+        return await reader.read()
+    finally:
+        transport.close()
+
+
+def _write_all_blocking(fd: int, data: bytes) -> None:
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BrokenPipeError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _decode(b: bytes | bytearray) -> str:
+    return bytes(b).decode("utf-8", errors="replace")
+
+
+class LocalBackend:
+    """One of the local modes: ``namespaces`` (default where it works), ``bwrap``, ``rlimit`` (no isolation)."""
+
+    ISOLATION = {"namespaces": "namespaces", "bwrap": "bwrap", "rlimit": "none"}
+
+    def __init__(self, mode: str = "namespaces", ro_paths_extra: tuple[str, ...] = (), bwrap: str | None = None,
+                 outer_uid: int = 65534):
+        if mode not in self.ISOLATION:
+            raise SandboxError(f"unknown local sandbox mode {mode!r} (namespaces, bwrap, rlimit)")
+        self.mode, self.name, self.isolation = mode, mode, self.ISOLATION[mode]
+        self.ro_paths = ro_paths(ro_paths_extra)
+        self.bwrap = bwrap or os.environ.get("OPENK2_BWRAP") or shutil.which("bwrap")
+        self.outer_uid = outer_uid
+        self.memory_limit_by = "RLIMIT_AS"
+
+    # --------------------------------------------------------------------------------------- availability
+
+    @functools.cached_property
+    def availability(self) -> tuple[bool, str]:
+        """(usable, reason): a real trial run (`sh -c 'echo ok'`), done once per backend object."""
+        if not sys.platform.startswith("linux"):
+            return False, f"needs Linux (this is {sys.platform})"
+        if self.mode == "bwrap" and not self.bwrap:
+            return False, "bwrap (bubblewrap) is not on PATH"
+        try:
+            res = self.run_blocking(RunRequest(["/bin/sh", "-c", "echo ok"]), Limits(timeout_s=20))
+        except Exception as e:  # noqa: BLE001 - any failure means "not here"
+            return False, f"trial run failed: {e}"
+        if res.status != OK or res.stdout != "ok\n":
+            return False, f"trial run failed: {res.error or res.stderr.strip() or res.status}"
+        return True, "ok"
+
+    def available(self) -> bool:
+        return self.availability[0]
+
+    # -------------------------------------------------------------------------------------------- config
+
+    def _config(self, req: RunRequest, limits: Limits, workdir: str | None) -> dict:
+        wd = workdir or SANDBOX_WORKDIR
+        cfg = {
+            "mode": self.mode, "command": list(req.command), "env": default_env(req.env, wd),
+            "files": req.encoded_files(), "executable": list(req.executable),
+            "src_dir": os.path.realpath(req.src_dir) if req.src_dir else None,
+            "fetch_files": list(req.fetch_files), "limits": limits.to_dict(), "ro_paths": self.ro_paths,
+            "outer_uid": self.outer_uid, "workdir": workdir, "bwrap": self.bwrap,
+        }
+        if req.src_dir and not os.path.isdir(req.src_dir):
+            raise SandboxError(f"sandbox source directory {req.src_dir}: not a directory")
+        return cfg
+
+    def _argv(self, cfg_fd: int, status_fd: int) -> list[str]:
+        return [sys.executable, "-I", "-S", LAUNCHER, "--config-fd", str(cfg_fd), "--status-fd", str(status_fd)]
+
+    # ------------------------------------------------------------------------------------------------ run
+
+    async def run(self, req: RunRequest, limits: Limits) -> RunResult:
+        workdir = tempfile.mkdtemp(prefix="openk2-sandbox-") if self.mode == "rlimit" else None
+        try:
+            return await self._run(req, limits, workdir)
+        finally:
+            if workdir:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+    async def _run(self, req: RunRequest, limits: Limits, workdir: str | None) -> RunResult:
+        loop = asyncio.get_running_loop()
+        data = json.dumps(self._config(req, limits, workdir)).encode()
+        cfg_r, cfg_w = os.pipe()
+        st_r, st_w = os.pipe()
+        t0 = time.monotonic()
+        stdin = req.stdin_bytes()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *self._argv(cfg_r, st_w), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=(cfg_r, st_w), start_new_session=True,
+                limit=1 << 16)
+        except BaseException:
+            for fd in (cfg_r, cfg_w, st_r, st_w):
+                os.close(fd)
+            raise
+        os.close(cfg_r)
+        os.close(st_w)
+        writer = loop.run_in_executor(None, _write_all_blocking, cfg_w, data) if len(data) > 60000 else None
+        if writer is None:
+            _write_all_blocking(cfg_w, data)
+        status_task = asyncio.ensure_future(_read_pipe(st_r))
+        reason: list[str] = []  # why the host ended the run: "timeout" / "output_limit"
+        hard_kill: list[asyncio.TimerHandle] = []
+
+        def end(why: str) -> None:
+            if reason:
+                return
+            reason.append(why)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGUSR1)  # L -> D: kill every process of the sandbox, then report
+            hard_kill.append(loop.call_later(KILL_GRACE_S, self._killpg, proc.pid))
+
+        out, err = _Capped(limits.output_bytes), _Capped(limits.output_bytes)
+        pumps = [asyncio.ensure_future(_pump(proc.stdout, out, lambda: end(OUTPUT_LIMIT))),
+                 asyncio.ensure_future(_pump(proc.stderr, err, lambda: end(OUTPUT_LIMIT)))]
+        feeder = asyncio.ensure_future(self._feed(proc, stdin)) if stdin else None
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), timeout=limits.timeout_s + 0.5)
+            except asyncio.TimeoutError:
+                end(TIMEOUT)
+                await proc.wait()
+            # the pipes close when the last process of the sandbox is gone; a fallback-mode orphan that
+            # left the session could hold them open, so bound the wait
+            done, pending = await asyncio.wait(pumps + [status_task], timeout=KILL_GRACE_S + 1.0)
+            for t in pending:
+                t.cancel()
+            status_raw = status_task.result() if status_task in done else b""
+        except BaseException:
+            self._killpg(proc.pid)
+            raise
+        finally:
+            for h in hard_kill:
+                h.cancel()
+            if feeder:
+                feeder.cancel()
+            if writer is not None:
+                with contextlib.suppress(BaseException):
+                    await writer
+            if self.mode == "rlimit":
+                self._killpg(proc.pid)
+        wall = time.monotonic() - t0
+        return self._result(status_raw, out, err, wall, limits, reason[0] if reason else None)
+
+    @staticmethod
+    async def _feed(proc, data: bytes) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+            proc.stdin.close()
+
+    @staticmethod
+    def _killpg(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def run_blocking(self, req: RunRequest, limits: Limits) -> RunResult:
+        """A run without an event loop (used by the availability probe)."""
+        from openk2.sandbox.pool import run_coroutine
+
+        return run_coroutine(self.run(req, limits))
+
+    # ------------------------------------------------------------------------------------------- classify
+
+    def _result(self, status_raw: bytes, out: _Capped, err: _Capped, wall: float, limits: Limits,
+                host_reason: str | None) -> RunResult:
+        st: dict = {}
+        for line in reversed(status_raw.splitlines()):
+            with contextlib.suppress(ValueError):
+                st = json.loads(line)
+                break
+        exit_code, sig = st.get("exit_code"), st.get("signal")
+        cpu = st.get("cpu_s")
+        error = st.get("error", "")
+        if host_reason == OUTPUT_LIMIT:
+            status = OUTPUT_LIMIT
+        elif host_reason == TIMEOUT or st.get("kill_reason") == "deadline":
+            status = TIMEOUT
+        elif not st or st.get("setup_failed") or (error and exit_code is None and sig is None):
+            status, error = ERROR, error or "the sandbox ended without a report"
+        elif sig == signal.SIGXCPU or (sig == signal.SIGKILL and cpu is not None and cpu >= limits.cpu_limit_s - 0.05):
+            status = TIMEOUT
+        elif (exit_code not in (None, 0) or sig is not None) and limits.memory_mb and _MEMORY_RE.search(
+                bytes(err.buf[-4096:])):
+            status = MEMORY
+        elif error and exit_code == 127:
+            status = ERROR
+        elif sig is not None:
+            status = KILLED
+        else:
+            status = OK
+        if status == TIMEOUT and not error:
+            error = ("CPU time limit" if host_reason != TIMEOUT and st.get("kill_reason") != "deadline"
+                     else f"wall-clock timeout ({limits.timeout_s:g} s)")
+        if status == OUTPUT_LIMIT:
+            error = f"output over {limits.output_bytes} bytes"
+        import base64
+
+        return RunResult(
+            status=status, exit_code=exit_code, signal=sig, stdout=_decode(out.buf), stderr=_decode(err.buf),
+            wall_s=round(wall, 4), cpu_s=cpu, max_rss_mb=round(st["max_rss_kb"] / 1024, 2) if st.get("max_rss_kb") else None,
+            stdout_truncated=out.over, stderr_truncated=err.over, backend=self.name, isolation=self.isolation,
+            memory_limit_by=self.memory_limit_by if limits.memory_mb else "", orphans_killed=st.get("orphans_killed", 0),
+            error=error, files={k: base64.b64decode(v) for k, v in (st.get("files") or {}).items()})
