@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("openk2.serve.cli", "OpenAI-compatible HTTP server for a checkpoint"),
     "sandbox": ("openk2.sandbox.cli", "run untrusted code in an isolated, limited sandbox; serve the SandboxFusion API"),
     "rephrase": ("openk2.rephrase.cli", "rewrite documents in diverse styles, chunk by chunk, with fidelity checks (K2 §2)"),
+    "synth": ("openk2.synth.cli", "agentic data synthesis (K2 §3.1): MCP + synthetic tools, agents, rubric tasks, trajectories, judge"),
 }
 
 
