@@ -170,7 +170,8 @@ def check_rewrite(source: str, rewrite: str, cfg: CheckConfig, count_tokens=None
 
 # --------------------------------------------------------------------------- language detection
 _STOPWORDS = {
-    "en": "the of and to in is that it was for on are with as be by this at from or an which have has were not".split(),
+    "en": ("the of and to in is that it was for on are with as be by this at from or an which have has were not a "
+           "he she his her they their we you i but so had been will can how many what each").split(),
     "fr": "le la les de des du et est un une en que qui dans pour pas sur au avec il elle sont ce par on nous".split(),
     "de": "der die das und ist ein eine zu den von mit sich des auf für nicht im dem es sie wir wie auch aus".split(),
     "es": "el la los las de y que en un una es por con para del se no al lo como su más pero sus hay".split(),
@@ -221,7 +222,7 @@ def detect_language(text: str) -> tuple[str, float]:
     scores = {lang: sum(w in sw for w in words) for lang, sw in _STOPWORDS_SETS.items()}
     best = max(scores, key=lambda k: scores[k])
     hits = scores[best]
-    if hits == 0:
+    if hits < 3:  # too little text to tell Latin-script languages apart
         return "und", 0.0
     second = max(v for k, v in scores.items() if k != best) if len(scores) > 1 else 0
     return best, round((hits - second) / hits, 3)
