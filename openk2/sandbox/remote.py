@@ -4,7 +4,7 @@ The API (SandboxFusion's ``POST /run_code``)::
 
     request:  {"code": str, "language": "python" | "bash" | ..., "run_timeout": s, "compile_timeout": s,
                "memory_limit_MB": int (-1: none), "stdin": str | null, "files": {path: base64 | null},
-               "fetch_files": [path], "args": [str]}
+               "fetch_files": [path], "args": [str], "output_limit_bytes": int (an openk2 extension)}
     response: {"status": "Success" | "Failed" | "SandboxError", "message": str, "compile_result": null,
                "run_result": {"status": "Finished" | "TimeLimitExceeded" | "Error", "execution_time": s,
                               "return_code": int | null, "stdout": str, "stderr": str},
@@ -16,7 +16,6 @@ response (the full RunResult without stdout/stderr: memory / output_limit / kill
 client uses it when present and maps SandboxFusion's coarser status otherwise.
 """
 
-from __future__ import annotations
 
 import base64
 import re
@@ -44,7 +43,8 @@ def to_fusion_request(req: RunRequest, limits: Limits) -> dict:
             "memory_limit_MB": int(limits.memory_mb) if limits.memory_mb else -1,
             "stdin": req.stdin if isinstance(req.stdin, str) else (req.stdin.decode("utf-8", "replace")
                                                                     if req.stdin else None),
-            "files": files, "fetch_files": list(req.fetch_files)}
+            "files": files, "fetch_files": list(req.fetch_files),
+            "output_limit_bytes": int(limits.output_bytes)}  # an extension; SandboxFusion ignores it
 
 
 def from_fusion_response(body: dict, limits: Limits, wall_s: float, backend: str) -> RunResult:
@@ -146,6 +146,7 @@ def create_app(sandbox, max_timeout_s: float = 300.0, max_memory_mb: int = 16384
         files: dict[str, Optional[str]] = {}
         fetch_files: list[str] = []
         args: list[str] = []
+        output_limit_bytes: Optional[int] = Field(None, gt=0)  # openk2 extension
 
     app = FastAPI(title="openk2 sandbox (SandboxFusion-compatible)")
 
@@ -163,13 +164,16 @@ def create_app(sandbox, max_timeout_s: float = 300.0, max_memory_mb: int = 16384
             return resp
         try:
             files = {p: base64.b64decode(v) if v else b"" for p, v in request.files.items()}
-            main = "main.py" if request.language == "python" else "main.sh"
+            # the code gets a name of its own, so the request's files (main.py, main.sh...) stay as sent
+            main = "__fusion_main__.py" if request.language == "python" else "__fusion_main__.sh"
             files[main] = request.code.encode()
             cmd = [sandbox.backend_python(), main] if request.language == "python" else ["bash", main]
             limits = sandbox.limits.with_(
                 timeout_s=min(float(request.run_timeout), max_timeout_s),
                 # -1 (no limit asked): the server's own default limit still applies
-                memory_mb=min(request.memory_limit_MB, max_memory_mb) if request.memory_limit_MB > 0 else None)
+                memory_mb=min(request.memory_limit_MB, max_memory_mb) if request.memory_limit_MB > 0 else None,
+                output_bytes=min(request.output_limit_bytes, sandbox.limits.output_bytes)
+                if request.output_limit_bytes else None)
             req = RunRequest(cmd + list(request.args), files=files, stdin=request.stdin,
                              fetch_files=list(request.fetch_files), limits=limits)
             res = await sandbox.run(req)
