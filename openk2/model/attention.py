@@ -55,6 +55,25 @@ class MLACache(KVCache):
         return self.latent.shape[-1] + self.k_rope.shape[-1]
 
 
+def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """The block-diagonal causal mask of packed sequences: bool [B, 1, T, T], True where query i may
+    attend key j (j <= i and both tokens belong to the same document). `document_ids` [B, T] labels
+    each token's document (any integers, equal within a document, a document's tokens contiguous)."""
+    T = document_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
+    return (document_ids[:, :, None] == document_ids[:, None, :])[:, None] & causal
+
+
+def packed_position_ids(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 where each document of a packed row starts: [B, T] long."""
+    B, T = document_ids.shape
+    idx = torch.arange(T, device=document_ids.device).expand(B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(-1).values
+    return idx - first
+
+
 class MLAttention(nn.Module):
     def __init__(self, config: K2Config, layer_idx: int):
         super().__init__()
@@ -130,7 +149,10 @@ class MLAttention(nn.Module):
         sin: torch.Tensor,
         cache: CacheView | None = None,
         key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`attn_mask`: bool [B, 1, T, T] (True = attend) replacing the causal mask, e.g. the
+        block-diagonal causal mask of packed sequences (`packed_attention_mask`)."""
         if cache is not None:
             return self._forward_absorbed(x, cos, sin, cache)
         B, T, _ = x.shape
@@ -143,13 +165,18 @@ class MLAttention(nn.Module):
             q, k, v = self._expand(latent, q_nope, q_rope, k_rope)
         if key_padding_mask is not None:
             out = self._eager(q, k, v[..., -self.v_head_dim:], key_padding_mask)
+        elif attn_mask is not None:
+            out = self._sdpa(q, k, v, attn_mask)
+            if self.track_max_logit and self.training:  # S_max over the allowed pairs only
+                s_max = max_logit(q.detach(), k.detach(), self.softmax_scale, causal=False, mask=attn_mask)
+                torch.maximum(self.max_logit, s_max, out=self.max_logit)
         else:
             out = self._sdpa(q, k, v)
             if self.track_max_logit and self.training:  # eval forwards must not feed the next clip
                 torch.maximum(self.max_logit, max_logit(q.detach(), k.detach(), self.softmax_scale), out=self.max_logit)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))
 
-    def _sdpa(self, q, k, v):
+    def _sdpa(self, q, k, v, attn_mask: torch.Tensor | None = None):
         # The fused (flash) kernels want equal q/k/v head dims; MLA's v is narrower
         # (128 vs 192 in K2). _expand widens it to the q/k dim as a view where it can
         # (else zeros are prepended here) and the last v_head_dim output columns are
@@ -157,7 +184,10 @@ class MLAttention(nn.Module):
         pad = self.qk_head_dim - v.shape[-1]
         if pad > 0:
             v = F.pad(v, (pad, 0))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
         return out[..., -self.v_head_dim:] if out.shape[-1] != self.v_head_dim else out
 
     def _eager(self, q, k, v, key_padding_mask):

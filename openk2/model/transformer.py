@@ -12,7 +12,7 @@ from torch import nn
 
 from openk2.errors import CheckpointError, ConfigError
 from openk2.model import hf_adapter, safetensors_io
-from openk2.model.attention import MLAttention
+from openk2.model.attention import MLAttention, packed_attention_mask, packed_position_ids
 from openk2.model.kv_cache import CacheView, KVCache
 from openk2.model.config import K2Config
 from openk2.model.loss import IGNORE_INDEX, linear_cross_entropy
@@ -41,8 +41,8 @@ class DecoderLayer(nn.Module):
             return torch.utils.checkpoint.checkpoint(norm, x, use_reentrant=False)
         return norm(x)
 
-    def forward(self, x, cos, sin, cache=None, key_padding_mask=None):
-        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, cache, key_padding_mask)
+    def forward(self, x, cos, sin, cache=None, key_padding_mask=None, attn_mask=None):
+        x = x + self.self_attn(self._norm(self.input_layernorm, x), cos, sin, cache, key_padding_mask, attn_mask)
         return x + self.mlp(self._norm(self.post_attention_layernorm, x))
 
 
@@ -55,16 +55,24 @@ class K2Model(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
-    def forward(self, input_ids, position_ids=None, cache: KVCache | CacheView | None = None, key_padding_mask=None):
+    def forward(self, input_ids, position_ids=None, cache: KVCache | CacheView | None = None, key_padding_mask=None,
+                document_ids=None):
         B, T = input_ids.shape
         view = cache.view(slice(0, B), T) if isinstance(cache, KVCache) else cache
+        attn_mask = None
+        if document_ids is not None:  # packed sequences: attention confined to each document
+            if view is not None or key_padding_mask is not None:
+                raise ValueError("K2Model: document_ids (packed sequences) cannot be combined with a cache or padding")
+            attn_mask = packed_attention_mask(document_ids)
+            if position_ids is None:
+                position_ids = packed_position_ids(document_ids)
         if position_ids is None:
             position_ids = (view.positions if view is not None
                             else torch.arange(T, device=input_ids.device)[None].expand(B, T))
         cos, sin = self.rotary_emb(position_ids)
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
-            h = layer(h, cos, sin, view, key_padding_mask)
+            h = layer(h, cos, sin, view, key_padding_mask, attn_mask)
         if view is not None:
             view.commit()
         return self.norm(h)
@@ -126,13 +134,13 @@ class K2ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, position_ids=None,
                 cache: KVCache | CacheView | None = None, attention_mask: torch.Tensor | None = None,
                 logits_to_keep: int = 0, shift_labels: torch.Tensor | None = None,
-                return_logits: bool = False) -> CausalLMOutput:
+                return_logits: bool = False, document_ids: torch.Tensor | None = None) -> CausalLMOutput:
         key_padding_mask = None
         if attention_mask is not None and cache is None and not bool(attention_mask.all()):
             key_padding_mask = attention_mask.bool()
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        h = self.model(input_ids, position_ids, cache, key_padding_mask)
+        h = self.model(input_ids, position_ids, cache, key_padding_mask, document_ids)
         if labels is not None and shift_labels is not None:
             raise ValueError("K2ForCausalLM: pass labels (shifted inside) or shift_labels, not both")
         if labels is not None or shift_labels is not None:
