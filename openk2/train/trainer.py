@@ -47,7 +47,8 @@ def lm_loss(model: nn.Module, batch) -> tuple[torch.Tensor, int]:
     targets = lm_targets(batch)
     if isinstance(batch, dict):
         ids = batch["input_ids"]
-        kw = {"position_ids": batch["position_ids"]} if batch.get("position_ids") is not None else {}
+        # packed sequences (SFT): positions restart per document, attention confined by document_ids
+        kw = {k: batch[k] for k in ("position_ids", "document_ids") if batch.get(k) is not None}
     else:
         ids, kw = batch[:, :-1], {}
     loss = model(ids, shift_labels=targets, **kw).loss
@@ -136,6 +137,7 @@ class Trainer:
                                  None if cfg.time_budget_min is None else cfg.time_budget_min * 60.0,
                                  val_every=cfg.val_every)
         self.last_eval: dict = {}
+        self.extra_state: dict = {}  # a task's own values, saved and restored with every checkpoint
         self._batches: Iterator | None = None
         self.micro_batch_size = cfg.batch_size // cfg.grad_accum
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -253,7 +255,7 @@ class Trainer:
     def state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "elapsed": self.elapsed, "data": self.data.state_dict(),
                 "budget": self.budget.state_dict(), "precision": self.precision, "last_eval": self.last_eval,
-                "train_config": self.cfg.to_dict()}
+                "train_config": self.cfg.to_dict(), "extra": self.extra_state}
 
     def save(self) -> Path:
         from openk2.train.checkpoint import save_training_state
@@ -271,6 +273,7 @@ class Trainer:
         if "budget" in st:
             self.budget.load_state_dict(st["budget"])
         self.last_eval = dict(st.get("last_eval") or {})
+        self.extra_state = dict(st.get("extra") or {})
 
     # ------------------------------------------------------------ metrics
     def _start_metrics(self, resumed: bool) -> None:
