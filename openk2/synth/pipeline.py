@@ -205,12 +205,11 @@ class Pipeline:
     def stage_evolve(self) -> dict[str, Any]:
         cfg, stats = self.cfg, Stats()
         real = self._need("mcp_tools.json", "harvest")["tools"]
-        client = self.clients["tool_generator"]
         cats = list(evolve_mod.CATEGORIES[: cfg.categories])
         dstore = JsonlStore(self.path("evolve_domains.jsonl"))
 
         async def domains(it: dict[str, Any]) -> dict[str, Any]:
-            ds = await evolve_mod.evolve_domains(client, it["category"], cfg.domains_per_category, stats, seed=cfg.seed)
+            ds = await evolve_mod.evolve_domains(self.clients["tool_generator"], it["category"], cfg.domains_per_category, stats, seed=cfg.seed)
             return {"id": it["id"], "ok": bool(ds), "category": it["category"], "domains": ds,
                     **({} if ds else {"reason": "llm_invalid_json"})}
 
@@ -221,7 +220,7 @@ class Pipeline:
         tstore = JsonlStore(self.path("evolve_tools.jsonl"))
 
         async def tools(it: dict[str, Any]) -> dict[str, Any]:
-            es = await evolve_mod.evolve_tools(client, it["category"], it["domain"], cfg.tools_per_domain, stats, seed=cfg.seed)
+            es = await evolve_mod.evolve_tools(self.clients["tool_generator"], it["category"], it["domain"], cfg.tools_per_domain, stats, seed=cfg.seed)
             return {"id": it["id"], "ok": bool(es), "tools": es, **({} if es else {"reason": "no_valid_tools"})}
 
         trecs = self._run(run_items(titems, tools, tstore, concurrency=cfg.concurrency, description="evolve tools",
@@ -244,10 +243,9 @@ class Pipeline:
         cfg, stats = self.cfg, Stats()
         repo = {e["id"]: e for e in self.repository()}
         plans = agents_mod.sample_agents(list(repo.values()), cfg.agents, cfg.seed, cfg.exec_fraction)
-        client = self.clients["agent_writer"]
 
         async def write(it: dict[str, Any]) -> dict[str, Any]:
-            return await agents_mod.write_agent(client, it, [repo[i] for i in it["tool_ids"]], stats)
+            return await agents_mod.write_agent(self.clients["agent_writer"], it, [repo[i] for i in it["tool_ids"]], stats)
 
         recs = self._run(run_items(plans, write, JsonlStore(self.path("agents.jsonl")), concurrency=cfg.concurrency,
                                      description="agents", progress=cfg.progress, stats=stats))
@@ -261,11 +259,10 @@ class Pipeline:
         items = [{"id": stable_id("task", a["id"], j, cfg.seed), "agent": a,
                   "level": agents_mod.LEVELS[j % len(agents_mod.LEVELS)]}
                  for a in agents for j in range(cfg.tasks_per_agent)]
-        client = self.clients["task_generator"]
 
         async def write(it: dict[str, Any]) -> dict[str, Any]:
             a = it["agent"]
-            return await agents_mod.write_task(client, a, [repo[i] for i in a["tool_ids"]], it["level"], it["id"], stats,
+            return await agents_mod.write_task(self.clients["task_generator"], a, [repo[i] for i in a["tool_ids"]], it["level"], it["id"], stats,
                                                prefix=cfg.mcp_dir, replay=cfg.real_tools)
 
         recs = self._run(run_items(items, write, JsonlStore(self.path("tasks.jsonl")), concurrency=cfg.concurrency,
@@ -302,7 +299,6 @@ class Pipeline:
         cfg, stats = self.cfg, Stats()
         tasks = {t["id"]: t for t in self._need("tasks.jsonl", "tasks").values()}
         trajs = [t for t in self._need("trajectories.jsonl", "rollout").values() if t.get("ok")]
-        client = self.clients["judge"]
 
         async def one(traj: dict[str, Any]) -> dict[str, Any]:
             task = tasks[traj["task_id"]]
@@ -310,7 +306,7 @@ class Pipeline:
             if rules:  # a rule already rejects it: no judge call
                 verdict = {"ok": True, "items": [], "skipped": "rule checks failed"}
             else:
-                verdict = await judge(client, task["task"], traj, stats)
+                verdict = await judge(self.clients["judge"], task["task"], traj, stats)
             keep, reasons = decide(rules, verdict)
             stats.add("judge.kept" if keep else "judge.rejected")
             return {"id": traj["id"], "ok": True, "keep": keep, "reasons": reasons, "rules": rules, "verdict": verdict}
