@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
+import io
+import marshal
 import os
 import re
 import shutil
@@ -174,7 +175,8 @@ class LocalBackend:
         wd = workdir or SANDBOX_WORKDIR
         cfg = {
             "mode": self.mode, "command": list(req.command), "env": default_env(req.env, wd),
-            "files": req.encoded_files(), "executable": list(req.executable),
+            "files": {p: d.encode() if isinstance(d, str) else bytes(d) for p, d in req.files.items()},
+            "executable": list(req.executable),
             "src_dir": os.path.realpath(req.src_dir) if req.src_dir else None,
             "fetch_files": list(req.fetch_files), "limits": limits.to_dict(), "ro_paths": self.ro_paths,
             "outer_uid": self.outer_uid, "workdir": workdir, "bwrap": self.bwrap,
@@ -198,7 +200,7 @@ class LocalBackend:
 
     async def _run(self, req: RunRequest, limits: Limits, workdir: str | None) -> RunResult:
         loop = asyncio.get_running_loop()
-        data = json.dumps(self._config(req, limits, workdir)).encode()
+        data = marshal.dumps(self._config(req, limits, workdir))
         cfg_r, cfg_w = os.pipe()
         st_r, st_w = os.pipe()
         t0 = time.monotonic()
@@ -284,10 +286,14 @@ class LocalBackend:
     def _result(self, status_raw: bytes, out: _Capped, err: _Capped, wall: float, limits: Limits,
                 host_reason: str | None) -> RunResult:
         st: dict = {}
-        for line in reversed(status_raw.splitlines()):
-            with contextlib.suppress(ValueError):
-                st = json.loads(line)
+        buf = io.BytesIO(status_raw)
+        while buf.tell() < len(status_raw):  # one record from D, or one from L when D died without a word
+            try:
+                rec = marshal.load(buf)
+            except (EOFError, ValueError, TypeError):
                 break
+            if isinstance(rec, dict):
+                st = rec
         exit_code, sig = st.get("exit_code"), st.get("signal")
         cpu = st.get("cpu_s")
         error = st.get("error", "")
@@ -313,11 +319,9 @@ class LocalBackend:
                      else f"wall-clock timeout ({limits.timeout_s:g} s)")
         if status == OUTPUT_LIMIT:
             error = f"output over {limits.output_bytes} bytes"
-        import base64
-
         return RunResult(
             status=status, exit_code=exit_code, signal=sig, stdout=_decode(out.buf), stderr=_decode(err.buf),
             wall_s=round(wall, 4), cpu_s=cpu, max_rss_mb=round(st["max_rss_kb"] / 1024, 2) if st.get("max_rss_kb") else None,
             stdout_truncated=out.over, stderr_truncated=err.over, backend=self.name, isolation=self.isolation,
             memory_limit_by=self.memory_limit_by if limits.memory_mb else "", orphans_killed=st.get("orphans_killed", 0),
-            error=error, files={k: base64.b64decode(v) for k, v in (st.get("files") or {}).items()})
+            error=error, files={k: bytes(v) for k, v in (st.get("files") or {}).items()})
