@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "qk-clip": "openk2.experiments.qk_clip",
     "sparsity": "openk2.experiments.sparsity",
     "heads": "openk2.experiments.heads",
+    "rephrase": "openk2.experiments.rephrase",
 }
 
 
