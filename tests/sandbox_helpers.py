@@ -10,15 +10,18 @@ import pytest
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+BACKEND = os.environ.get("OPENK2_TEST_SANDBOX_BACKEND", "namespaces")  # or "bwrap" (with bwrap on PATH)
+
+
 def isolating_sandbox(**kw):
     """A Sandbox on the namespaces backend; skips (with the reason) where this machine cannot create one."""
     from openk2.sandbox import Sandbox
     from openk2.sandbox.pool import _local
 
-    ok, why = _local("namespaces").availability
+    ok, why = _local(BACKEND).availability
     if not ok:
-        pytest.skip(f"Linux namespaces sandbox unavailable here: {why}")
-    return Sandbox("namespaces", **kw)
+        pytest.skip(f"the {BACKEND} sandbox is unavailable here: {why}")
+    return Sandbox(BACKEND, **kw)
 
 
 def host_pids_with(marker: str) -> list[int]:

@@ -54,7 +54,7 @@ def test_python_run_with_stdin_files_exit_code_and_stderr(sb):
     assert r.status == OK and r.exit_code == 7 and r.signal is None
     assert r.stdout == "hello payload /sandbox ['a', 'b']\n"
     assert r.stderr == "to stderr\n"
-    assert r.backend == "namespaces" and r.isolation == "namespaces" and r.memory_limit_by == "RLIMIT_AS"
+    assert r.backend == sb.name and r.isolation == sb.name and r.memory_limit_by == "RLIMIT_AS"
     assert r.cpu_s is not None and r.cpu_s >= 0 and r.wall_s > 0 and r.max_rss_mb > 0
     assert not r.ok
 
@@ -313,7 +313,7 @@ def test_remote_backend_against_our_server(fusion_server, sb):
     r = remote.run_python_sync("import sys; print(sys.stdin.read().upper()); print('e', file=sys.stderr)",
                                stdin="abc")
     assert r.status == OK and r.exit_code == 0 and r.stdout == "ABC\n" and r.stderr == "e\n"
-    assert r.isolation == "remote (namespaces)"
+    assert r.isolation == f"remote ({sb.name})"
     r = remote.run_sync(RunRequest(["sh", "-c", "cat a.txt; echo z > b.txt"], files={"a.txt": "A"},
                                    fetch_files=["b.txt"]))
     assert r.ok and r.stdout == "A" and r.files == {"b.txt": b"z\n"}

@@ -663,12 +663,12 @@ def main_bwrap(cfg, status_fd, config_fd):
             args += ["--symlink", os.readlink(p), p]
         elif os.path.exists(p):
             args += ["--ro-bind", p, p]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", disk, "--tmpfs", "/tmp", "--size", disk,
-             "--tmpfs", WORKDIR, "--chdir", WORKDIR]
+    args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--size", disk, "--tmpfs", "/tmp",
+             "--size", disk, "--tmpfs", WORKDIR, "--chdir", WORKDIR]
     if cfg.get("src_dir"):
         args += ["--ro-bind", cfg["src_dir"], "/.openk2-src"]
     me = os.path.abspath(__file__)
-    args += ["--ro-bind", me, "/.openk2-launcher.py", "--", sys.executable, "-I", "-S", "/.openk2-launcher.py",
+    args += ["--ro-bind", me, "/.openk2-launcher.py", "--remount-ro", "/", "--", sys.executable, "-I", "-S", "/.openk2-launcher.py",
              "--inside", "--config-fd", str(config_fd), "--status-fd", str(status_fd)]
     os.set_inheritable(status_fd, True)
     # bwrap re-reads the config from a fresh pipe (we consumed ours)

@@ -100,5 +100,8 @@ def _info() -> int:
         auto = get_backend("auto", allow_unsafe=False).name
     except SandboxError:
         auto = None
-    print(json.dumps({"backends": report, "auto": auto, "memory_limit_by": "RLIMIT_AS"}, indent=2))
+    from openk2.sandbox.local import cgroup2_memory
+
+    print(json.dumps({"backends": report, "auto": auto, "memory_limit_by": "RLIMIT_AS",
+                      "cgroup2_memory": cgroup2_memory()[1]}, indent=2))
     return 0

@@ -82,6 +82,32 @@ def default_env(extra: dict[str, str] | None = None, workdir: str = SANDBOX_WORK
     return env
 
 
+def cgroup2_memory() -> tuple[bool, str]:
+    """Could a run get its own cgroup v2 with memory.max here? (Reported by `openk2 sandbox info`.)
+
+    openk2 limits memory with RLIMIT_AS; a delegated cgroup v2 subtree with the memory controller would
+    also count page cache, tmpfs pages and every process together. This only reports whether one exists.
+    """
+    try:
+        rel = next(line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup") if line.startswith("0::"))
+    except (OSError, StopIteration):
+        return False, "no cgroup v2 hierarchy for this process"
+    mount = next((line.split()[4] for line in open("/proc/self/mountinfo") if " - cgroup2 " in line), None)
+    if mount is None:
+        return False, "cgroup2 is not mounted"
+    path = os.path.join(mount, rel.lstrip("/"))
+    try:
+        controllers = open(os.path.join(path, "cgroup.controllers")).read().split()
+    except OSError as e:
+        return False, f"cannot read {path}/cgroup.controllers ({e.strerror})"
+    if "memory" not in controllers:
+        return False, f"the memory controller is not enabled in cgroup v2 at {path} (controllers: " \
+                      f"{' '.join(controllers) or 'none'})"
+    if not os.access(path, os.W_OK):
+        return False, f"{path} is not writable (no delegated subtree)"
+    return True, f"memory controller available at {path} (not used: openk2 limits memory with RLIMIT_AS)"
+
+
 class _Capped:
     """A byte buffer that keeps the first `limit` bytes and notes what it dropped."""
 
@@ -180,6 +206,8 @@ class LocalBackend:
             "src_dir": os.path.realpath(req.src_dir) if req.src_dir else None,
             "fetch_files": list(req.fetch_files), "limits": limits.to_dict(), "ro_paths": self.ro_paths,
             "outer_uid": self.outer_uid, "workdir": workdir, "bwrap": self.bwrap,
+            # D's own deadline: under bwrap the host cannot reach D with a signal, so D ends the run on time
+            "deadline_grace_s": 0.0 if self.mode == "bwrap" else 2.0,
         }
         if req.src_dir and not os.path.isdir(req.src_dir):
             raise SandboxError(f"sandbox source directory {req.src_dir}: not a directory")
@@ -227,8 +255,9 @@ class LocalBackend:
             if reason:
                 return
             reason.append(why)
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGUSR1)  # L -> D: kill every process of the sandbox, then report
+            if not (self.mode == "bwrap" and why == TIMEOUT):  # under bwrap, D's own deadline ends it and reports
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGUSR1)  # L -> D: kill every process of the sandbox, then report
             hard_kill.append(loop.call_later(KILL_GRACE_S, self._killpg, proc.pid))
 
         out, err = _Capped(limits.output_bytes), _Capped(limits.output_bytes)
