@@ -203,6 +203,22 @@ def test_store_resumes_and_errors_become_records(tmp_path):
     asyncio.run(run_items(items + [{"id": "d"}], fn, store2, progress=False))
     assert seen == ["a", "b", "c", "d"] and len((tmp_path / "s.jsonl").read_text().splitlines()) == 4
     assert stable_id("x", 1) == stable_id("x", 1) != stable_id("x", 2)
+    # a failed LLM request (the endpoint, not the model's output) is recorded as retryable and done again
+    from openk2.llm.base import LLMRequestError
+
+    calls = []
+
+    async def flaky(it):
+        calls.append(it["id"])
+        if len(calls) == 1:
+            raise LLMRequestError("HTTP 503: overloaded", 503)
+        return {"id": it["id"], "ok": True}
+
+    store3 = JsonlStore(tmp_path / "f.jsonl")
+    rec = asyncio.run(run_items([{"id": "x"}], flaky, store3, progress=False))[0]
+    assert (rec["ok"], rec["reason"], rec["retryable"]) == (False, "llm_request_error", True) and store3.done == set()
+    rec = asyncio.run(run_items([{"id": "x"}], flaky, JsonlStore(tmp_path / "f.jsonl"), progress=False))[0]
+    assert rec["ok"] and calls == ["x", "x"]
 
 
 def test_dedup_by_name_and_embedding_and_the_tool_map(tmp_path):

@@ -161,7 +161,7 @@ async def write_task(client: LLMClient, agent: dict[str, Any], tools: Sequence[d
     names = [t["tool"]["function"]["name"] for t in tools]
     base = {"id": task_id, "agent_id": agent["id"], "level": level, "executable": executable}
     out = await ask_json(client, task_prompt(agent, tools, level, executable), task_schema(names, executable), stats,
-                         "task_generator", max_tokens=1500)
+                         "task_generator", max_tokens=1024)
     if out is None:
         return {**base, "ok": False, "reason": "llm_invalid_json"}
     task = {k: out[k] for k in ("user_goal", "known_info", "hidden_info", "success_criteria", "checkpoints", "gold_actions")}

@@ -52,17 +52,21 @@ class Stats:
 
 async def ask_json(client: LLMClient, messages: list[dict[str, Any]], schema: dict[str, Any], stats: Stats, role: str,
                    *, max_tokens: int = 1024, temperature: float = 0.0, seed: int | None = None) -> Any | None:
-    """The schema-valid JSON reply of `client`, or None with the problem counted under ``llm.<role>.<kind>``."""
+    """The schema-valid JSON reply of `client`, or None with the problem counted under ``llm.<role>.<kind>``.
+
+    Bad output (no schema-valid JSON after the client's retries) is the model's fault: None. A failed request
+    (the endpoint refused or went away) raises :class:`LLMError`; :func:`run_items` then records the item as
+    retryable, so the next run does it again."""
     stats.add(f"llm.{role}.calls")
     try:
         resp = await client.achat(messages, json_schema=schema, max_tokens=max_tokens, temperature=temperature, seed=seed)
     except StructuredOutputError:
         stats.add(f"llm.{role}.invalid_json")
         return None
-    except LLMError as e:
+    except LLMError:
+        # the endpoint failed (not the model's output): the item is retried on the next run
         stats.add(f"llm.{role}.request_error")
-        stats.add(f"llm.{role}.request_error:{type(e).__name__}")
-        return None
+        raise
     if resp.finish_reason == "length":
         stats.add(f"llm.{role}.truncated")
     return resp.parsed
@@ -97,7 +101,8 @@ class JsonlStore:
 
     @property
     def done(self) -> set[str]:
-        return set(self.records)
+        """Ids finished for good (a record marked ``retryable`` -- a failed LLM request -- is done again)."""
+        return {k for k, r in self.records.items() if not r.get("retryable")}
 
     def add(self, record: dict[str, Any]) -> None:
         line = json.dumps(record, ensure_ascii=False, sort_keys=False)
@@ -116,7 +121,8 @@ async def run_items(items: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any
                     stats: Stats | None = None) -> list[dict[str, Any]]:
     """Run ``fn`` over the items not yet in `store` (by ``item["id"]``), at most `concurrency` at a time; each
     result (a record with the same id) is appended as soon as it is ready. An exception in ``fn`` becomes a
-    failed record (``ok: False, reason: "error:<Type>"``), never a crash of the stage."""
+    failed record (``ok: False, reason: "error:<Type>"``; a failed LLM request ``llm_request_error``, retried on
+    the next run), never a crash of the stage."""
     items = list(items)
     todo = [it for it in items if it["id"] not in store.done]
     sem = asyncio.Semaphore(max(1, concurrency))
@@ -126,6 +132,10 @@ async def run_items(items: Iterable[dict[str, Any]], fn: Callable[[dict[str, Any
             async with sem:
                 try:
                     rec = await fn(it)
+                except LLMError as e:
+                    rec = {"id": it["id"], "ok": False, "reason": "llm_request_error", "detail": str(e)[:500], "retryable": True}
+                    if stats is not None:
+                        stats.add(f"{description}.llm_request_error")
                 except Exception as e:  # noqa: BLE001 - recorded per item
                     rec = {"id": it["id"], "ok": False, "reason": f"error:{type(e).__name__}", "detail": str(e)[:500]}
                     if stats is not None:

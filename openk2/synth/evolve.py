@@ -58,10 +58,9 @@ SYSTEM = "You design realistic software tools (APIs) for AI agents. Reply with J
 
 def domains_prompt(category: str, n: int) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM},
-            {"role": "user", "content": f"Category: {category}.\nList {n} distinct application domains in this category "
-                                        "where an assistant would operate software tools (e.g. for financial trading: "
-                                        "'equity order management', 'portfolio risk reporting'). For each give a short name "
-                                        "and a one-sentence description."}]
+            {"role": "user", "content": f"Category: {category}.\nList {n} distinct application domains within {category} "
+                                        f"where an assistant would operate software tools. Each domain is a specific kind of "
+                                        f"{category} application; give a short name and a one-sentence description."}]
 
 
 def tools_prompt(category: str, domain: dict[str, str], n: int) -> list[dict[str, str]]:
@@ -112,7 +111,7 @@ async def evolve_domains(client: LLMClient, category: str, n: int, stats: Stats,
 async def evolve_tools(client: LLMClient, category: str, domain: dict[str, str], n: int, stats: Stats,
                        seed: int = 0) -> list[dict[str, Any]]:
     out = await ask_json(client, tools_prompt(category, domain, n), TOOLS_SCHEMA, stats, "tool_generator",
-                         max_tokens=1500, seed=seed)
+                         max_tokens=1024, seed=seed)
     if out is None:
         stats.add("evolve.tool_batches_failed")
         return []

@@ -83,7 +83,7 @@ async def user_turn(client: LLMClient, task: dict[str, Any], persona: dict[str, 
                                   max_tokens=200, temperature=0.0, seed=seed)
     except LLMError:
         stats.add("llm.user.request_error")
-        return None, "user_llm_error"
+        raise
     text = _THINK.sub("", resp.content or "").strip()
     first = not any(m["role"] == "user" for m in messages)
     if STOP in text:
@@ -119,7 +119,8 @@ async def rollout(agent_client: LLMClient, user_client: LLMClient, agent: dict[s
                   env: Environment, *, max_turns: int = 6, max_steps: int = 6, max_tokens: int = 512,
                   stats: Stats | None = None) -> dict[str, Any]:
     """One dialogue. Returns {messages, tools, calls, end, turns, problems}; ``end`` is 'stop' when the user
-    ended it, else why it ended (max_turns, empty_agent_reply, an LLM error...)."""
+    ended it, else why it ended (max_turns, max_steps, empty_agent_reply, user_restarted...). A failed LLM
+    request raises (the trajectory is redone on the next run)."""
     stats = stats or Stats()
     task = task_rec["task"]
     persona = persona_for(task_rec["id"])
@@ -139,11 +140,9 @@ async def rollout(agent_client: LLMClient, user_client: LLMClient, agent: dict[s
             try:
                 resp = await agent_client.achat(messages, tools=env.openai_tools, max_tokens=max_tokens, temperature=0.0,
                                                 seed=seed)
-            except LLMError as e:
+            except LLMError:
                 stats.add("llm.agent.request_error")
-                problems.append(f"agent_llm_error: {e}"[:200])
-                end = "agent_llm_error"
-                break
+                raise  # the endpoint failed: the whole trajectory is redone on the next run
             for pe in resp.parse_errors:  # calls the local backend could not parse: they never ran
                 stats.add("agent.unparsed_tool_call")
                 problems.append(f"unparsed_tool_call: {pe}"[:200])
@@ -175,8 +174,6 @@ async def rollout(agent_client: LLMClient, user_client: LLMClient, agent: dict[s
         else:
             end = "max_steps"
         if not replied:
-            if end == "max_turns":
-                end = "max_steps"
             break
     else:
         end = "max_turns"
