@@ -342,11 +342,14 @@ def encode_all(fmt: ChatFormat, convs: Sequence[Conversation], seq_len: int,
 
 
 # ------------------------------------------------------------------- batches
-def collate(rows: list[list[Example]], pad_id: int, seq_len: int | None) -> dict[str, torch.Tensor]:
-    """Rows of examples -> input_ids, labels (IGNORE_INDEX off the loss), position_ids, document_ids [B, T].
+def collate(rows: list[list[Example]], pad_id: int, seq_len: int | None, documents: bool = True
+            ) -> dict[str, torch.Tensor]:
+    """Rows of examples -> input_ids, labels (IGNORE_INDEX off the loss), position_ids, document_ids [B, T],
+    real_mask (False on padding).
 
-    `seq_len` None pads to the longest row (unpacked); every example gets its own document id and
-    positions from 0; padding is a document of its own with no loss.
+    `seq_len` None pads to the longest row; every example gets its own document id and positions from
+    0; padding is a document of its own with no loss. `documents=False` (one example per row, padding
+    after it: plain causal attention is already confined) leaves out document_ids.
     """
     T = seq_len if seq_len is not None else max(sum(e.positions for e in r) for r in rows)
     B = len(rows)
@@ -370,7 +373,12 @@ def collate(rows: list[list[Example]], pad_id: int, seq_len: int | None) -> dict
         if at < T:
             pos[b, at:] = torch.arange(T - at)
             doc[b, at:] = len(row)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": doc, "real_mask": real}
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "document_ids": doc, "real_mask": real}
+    if not documents:
+        if any(len(r) > 1 for r in rows):
+            raise ValueError("collate: rows of several examples need document_ids")
+        del out["document_ids"]
+    return out
 
 
 def pack_first_fit(examples: Sequence[Example], seq_len: int) -> list[list[Example]]:
@@ -450,7 +458,7 @@ class SFTDataset:
             mine = rows[self.rank * per:(self.rank + 1) * per]
             # unpacked: pad to the global batch's longest row, so every rank has one shape
             T = self.seq_len if self.pack else max(sum(e.positions for e in r) for r in rows)
-            yield collate(mine, self.pad_id, T)
+            yield collate(mine, self.pad_id, T, documents=self.pack)
 
     def state_dict(self) -> dict:
         return {"next_row": self.next_row, "pack": self.pack, "seed": self.seed}
@@ -467,7 +475,7 @@ def fixed_batches(examples: Sequence[Example], seq_len: int, pad_id: int, batch_
     rows = pack_first_fit(examples, seq_len) if pack else [[e] for e in examples]
     out = []
     for i in range(0, len(rows), batch_rows):
-        out.append(collate(rows[i:i + batch_rows], pad_id, seq_len if pack else None))
+        out.append(collate(rows[i:i + batch_rows], pad_id, seq_len if pack else None, documents=pack))
     return out
 
 

@@ -189,7 +189,7 @@ def sft(cfg: SFTConfig, resume: bool = True, log=print, stop_after: int | None =
     if not val_examples:
         raise DataError("SFT data: the held-out split is empty (raise val_fraction or add data)")
     val_all = fixed_batches(val_examples, cfg.seq_len, base.pad_id, max(1, min(cfg.batch_size, 8)), pack=True)
-    val_mine = val_all[rank::world][: cfg.val_batches]  # each rank its share; the loss is reduced below
+    val_set = val_all[: cfg.val_batches]  # every rank evaluates the same batches (FSDP: same forwards everywhere)
     if is_main:
         atomic_write(run_dir / "data.json", json.dumps({"counts": data["counts"], "encoding": data["stats"],
                                                         "tokens": mixture_counts(data["train"])}, indent=2) + "\n")
@@ -209,11 +209,9 @@ def sft(cfg: SFTConfig, resume: bool = True, log=print, stop_after: int | None =
         total = torch.zeros(2, dtype=torch.float64, device=trainer.device)
         from openk2.train.trainer import _to
 
-        for b in val_mine:
+        for b in val_set:
             loss, k = sft_loss(trainer.model, _to(b, trainer.device))
             total += torch.tensor([float(loss) * k, k], dtype=torch.float64, device=trainer.device)
-        if world > 1:
-            torch.distributed.all_reduce(total)
         return {"val_loss": float(total[0] / total[1].clamp(min=1))}
 
     trainer = Trainer(model, opt, cfg, train_ds, loss_fn=sft_loss, evaluate_fn=evaluate, count_fn=_sft_count,
