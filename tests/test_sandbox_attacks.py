@@ -238,3 +238,18 @@ def test_signalling_the_parent_and_the_host_has_no_effect(sb):
         victim.kill()
         victim.wait()
     time.sleep(0)  # nothing timed: just the host still running this line
+
+
+def test_symlinks_cannot_reach_the_host_for_setup_or_fetch(sb, tmp_path):
+    tag = uuid.uuid4().hex[:10]
+    # a source tree whose symlink points at the host's /etc: the request's files are written only after
+    # the host is gone from the sandbox's view, so the write lands on the read-only /etc of the sandbox
+    (tmp_path / "evil").symlink_to("/etc")
+    r = sb.run_sync(RunRequest(["true"], src_dir=str(tmp_path), files={f"evil/pwned-{tag}": "x"}))
+    assert r.status == "error" and "Read-only file system" in r.error, r
+    assert not Path(f"/etc/pwned-{tag}").exists()
+    # fetching through a link the program made: read with the program's rights, so root-only files stay closed
+    req = RunRequest(["sh", "-c", "ln -s /etc/shadow shadow; ln -s /etc etc; ln -s /proc/1/environ env"],
+                     fetch_files=["shadow", "etc/shadow", "env", "etc/hostname"])
+    r = sb.run_sync(req)
+    assert r.ok and set(r.files) <= {"etc/hostname"}, r.files.keys()

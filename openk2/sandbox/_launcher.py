@@ -33,6 +33,8 @@ import stat
 import sys
 import time
 
+T_START = time.monotonic()  # when this launcher got control (the host subtracts: interpreter start-up)
+
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -190,7 +192,8 @@ def build_root(cfg, sandbox_uid):
     mount("tmpfs", new + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"{disk},mode=1777")
     _makedirs(new + WORKDIR)
     mount("tmpfs", new + WORKDIR, "tmpfs", MS_NOSUID | MS_NODEV, f"{disk},mode=0755")
-    populate_workdir(cfg, new + WORKDIR, old, sandbox_uid)
+    if cfg.get("src_dir"):  # the only step that reads the host's files (symlinks are copied, never followed)
+        _copy_tree(old + cfg["src_dir"], new + WORKDIR)
     # Step 4: pivot into the new root, drop the host's tree entirely, make / read-only.
     os.mkdir(new + "/oldroot")
     os.chdir(new)
@@ -199,6 +202,8 @@ def build_root(cfg, sandbox_uid):
     _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount oldroot")
     os.rmdir("/oldroot")
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    # Step 5: the request's files, written only now that no path (or symlink) can reach the host
+    populate_workdir(dict(cfg, src_dir=None), WORKDIR, "", sandbox_uid)
 
 
 def populate_workdir(cfg, workdir, src_root, uid):
@@ -425,6 +430,7 @@ class Reaper:
         # a second line of defence behind the host's wall clock: the sandbox ends itself
         signal.setitimer(signal.ITIMER_REAL, float(cfg["limits"]["timeout_s"]) + float(cfg.get("deadline_grace_s", 2.0)))
         t0 = time.monotonic()
+        setup_s = t0 - T_START
         pid, exec_error = spawn_program(cfg, uid, drop, workdir)
         self.pgid = pid
         res = {"exit_code": None, "signal": None}
@@ -476,8 +482,14 @@ class Reaper:
                 break
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         res.update(cpu_s=round(ru.ru_utime + ru.ru_stime, 4), max_rss_kb=ru.ru_maxrss, orphans_killed=orphans,
-                   program_wall_s=round(prog_wall, 4), kill_reason=self.kill_reason)
-        res["files"] = fetch_files(cfg.get("fetch_files", ()), workdir, int(cfg.get("fetch_limit", 4 << 20)))
+                   program_wall_s=round(prog_wall, 4), kill_reason=self.kill_reason, setup_s=round(setup_s, 4),
+                   t_start=T_START)
+        if cfg.get("fetch_files"):
+            if drop and self.pid1:  # read them with the program's rights, never init's
+                drop_privileges(uid)
+            res["files"] = fetch_files(cfg["fetch_files"], workdir, int(cfg.get("fetch_limit", 4 << 20)))
+        else:
+            res["files"] = {}
         write_status(self.status_fd, res)
 
 
