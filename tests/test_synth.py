@@ -258,3 +258,30 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert err[0].startswith("openk2 synth: error: unknown stage 'nonsense'")
     assert err[1] == f"openk2 synth: error: {tmp_path}/tools.json is missing: run `openk2 synth evolve --out {tmp_path}` first"
     assert main(["synth", "agents", "--out", str(tmp_path), "--failure-rate", "0.8", "--edge-rate", "0.5"]) == 2
+
+
+def test_bfcl_backends_execute_for_real_and_replay_to_the_same_state():
+    from openk2.synth.bfcl import APIS, available, bfcl_tools
+    from openk2.synth.repo import tool_problems
+
+    if not available():
+        pytest.skip("bfcl-eval not installed")
+    tools = bfcl_tools()
+    assert {e["bfcl"]["api"] for e in tools} == set(APIS) and len(tools) >= 100
+    assert all(tool_problems(e["tool"]) == [] for e in tools)
+    assert all('"dict"' not in json.dumps(e["tool"]) and '"float"' not in json.dumps(e["tool"]) for e in tools)
+    fs = [e for e in tools if e["bfcl"]["api"] == "gorilla_file_system"]
+    steps = [("mkdir", {"dir_name": "docs"}), ("cd", {"folder": "docs"}), ("touch", {"file_name": "a.txt"}),
+             ("echo", {"content": "hi", "file_name": "a.txt"}), ("cat", {"file_name": "a.txt"}), ("cd", {"folder": "nope"})]
+
+    async def replay():
+        async with Environment(fs, "k") as env:
+            recs = [await env.call(f"functions.{n}:{i}", n, json.dumps(a)) for i, (n, a) in enumerate(steps)]
+            return recs, env.end_state(), env.executable
+
+    recs, state, executable = asyncio.run(replay())
+    assert executable and all(r.executor == "bfcl:gorilla_file_system" for r in recs)
+    assert json.loads(recs[4].output) == {"file_content": "hi"}
+    assert [r.is_error for r in recs] == [False] * 5 + [True]
+    assert state["bfcl"]["gorilla_file_system"]["root"]["contents"]["docs"]["contents"]["a.txt"]["content"] == "hi"
+    assert asyncio.run(replay())[1] == state  # a fresh instance replays to the same end state

@@ -147,7 +147,7 @@ def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
     cfg = SynthConfig(out=out, servers=("filesystem", "memory"), categories=2, domains_per_category=2, tools_per_domain=4,
                       agents=6, tasks_per_agent=3, exec_fraction=0.5, concurrency=4, failure_rate=0.0, partial_rate=0.0,
-                      edge_rate=0.0, progress=False)
+                      edge_rate=0.0, progress=False, bfcl=False)
     with ReplayServer(script()) as srv:
         client = make_client(srv.url, cache_dir=out / "llm_cache", max_concurrency=4)
         client.schema_retries = 1

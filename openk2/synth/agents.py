@@ -21,7 +21,11 @@ LEVELS = ("single_call", "multi_call", "multi_turn")
 
 
 def toolkit_of(entry: dict[str, Any]) -> str:
-    return f"mcp:{entry['server']}" if entry["source"] == "mcp" else f"syn:{entry['category']}/{entry['domain']}"
+    if entry["source"] == "mcp":
+        return f"mcp:{entry['server']}"
+    if entry["source"] == "bfcl":
+        return entry["server"]
+    return f"syn:{entry['category']}/{entry['domain']}"
 
 
 def sample_agents(repo: Sequence[dict[str, Any]], n: int, seed: int = 0, exec_fraction: float = 0.3,
@@ -31,7 +35,7 @@ def sample_agents(repo: Sequence[dict[str, Any]], n: int, seed: int = 0, exec_fr
     kits: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for e in repo:
         kits[toolkit_of(e)].append(e)
-    exec_tools = [e for e in repo if e["source"] == "mcp" and e.get("server") in EXECUTABLE_SERVERS]
+    exec_tools = [e for e in repo if (e["source"] == "mcp" and e.get("server") in EXECUTABLE_SERVERS) or e["source"] == "bfcl"]
     names = sorted(k for k in kits if len(kits[k]) >= 1)
     out = []
     n_exec = round(n * exec_fraction) if exec_tools else 0
@@ -39,10 +43,11 @@ def sample_agents(repo: Sequence[dict[str, Any]], n: int, seed: int = 0, exec_fr
         rng = rng_for("agent", seed, i)
         if i < n_exec:
             # executable agents get whole real toolkits (as an MCP client mounts a server): the filesystem
-            # server, the memory server, or both, taken in turn
+            # server, the memory server, both, or one BFCL API, taken in turn
             kind = "executable"
-            servers = sorted({e["server"] for e in exec_tools})
-            combos = [(s,) for s in servers] + ([tuple(servers)] if len(servers) > 1 else [])
+            mcp = sorted({e["server"] for e in exec_tools if e["source"] == "mcp"})
+            combos = [(s,) for s in mcp] + ([tuple(mcp)] if len(mcp) > 1 else [])
+            combos += [(s,) for s in sorted({e["server"] for e in exec_tools if e["source"] == "bfcl"})]
             combo = combos[i % len(combos)]
             chosen = [e for e in exec_tools if e["server"] in combo]
         elif rng.random() < mixture_fraction and len(names) >= 2:
@@ -92,7 +97,7 @@ async def write_agent(client: LLMClient, agent: dict[str, Any], tools: Sequence[
     return {**agent, "ok": True, "role": out["role"].strip(), "system_prompt": prompt}
 
 
-def task_schema(tool_names: Sequence[str], files: bool) -> dict[str, Any]:
+def task_schema(tool_names: Sequence[str], world: str) -> dict[str, Any]:
     props: dict[str, Any] = {
         "user_goal": {"type": "string", "minLength": 10, "maxLength": 600},
         "known_info": {"type": "string", "maxLength": 400},
@@ -104,6 +109,9 @@ def task_schema(tool_names: Sequence[str], files: bool) -> dict[str, Any]:
             "required": ["name", "arguments"], "additionalProperties": False}},
     }
     req = list(props)
+    if world == "backend":  # a BFCL backend starts from its own default data
+        return {"type": "object", "properties": props, "required": req, "additionalProperties": False}
+    files = world == "files"
     if files:
         props["initial_files"] = {"type": "array", "maxItems": 4, "items": {
             "type": "object", "properties": {"path": {"type": "string", "pattern": "^/workspace/[A-Za-z0-9_./-]{1,60}$"},
@@ -137,12 +145,14 @@ LEVEL_TEXT = {
 }
 
 
-def task_prompt(agent: dict[str, Any], tools: Sequence[dict[str, Any]], level: str, files: bool) -> list[dict[str, str]]:
+def task_prompt(agent: dict[str, Any], tools: Sequence[dict[str, Any]], level: str, world: str) -> list[dict[str, str]]:
     specs = tool_specs(tools)
-    world = (f"The tools act on a fresh folder {WORKSPACE} (and an empty knowledge graph); list the files that exist "
-             "before the task in initial_files (paths under /workspace/)." if files else
-             "The tools act on an application whose state you describe in initial_state (a small JSON document with the "
-             "records the task needs).")
+    world = {"files": f"The tools act on a fresh folder {WORKSPACE} (and an empty knowledge graph); list the files that "
+                      "exist before the task in initial_files (paths under /workspace/).",
+             "backend": "The tools act on a real application that starts with its own default data (accounts, records, "
+                        "files); gold actions that need an id or a name should first look it up with a read-only tool.",
+             "state": "The tools act on an application whose state you describe in initial_state (a small JSON document "
+                      "with the records the task needs)."}[world]
     return [{"role": "system", "content": "You write evaluation tasks for tool-using AI assistants. Reply with JSON only."},
             {"role": "user", "content": (
                 f"Assistant: {agent.get('role', '')}\nSystem prompt: {agent.get('system_prompt', '')}\nTools, one JSON per line:\n{specs}\n\n"
@@ -159,16 +169,18 @@ async def write_task(client: LLMClient, agent: dict[str, Any], tools: Sequence[d
     replayed in a fresh environment to the expected end state."""
     executable = agent.get("kind") == "executable"
     names = [t["tool"]["function"]["name"] for t in tools]
+    files = executable and any(t["source"] == "mcp" for t in tools)
+    world = "files" if files else ("backend" if executable else "state")
     base = {"id": task_id, "agent_id": agent["id"], "level": level, "executable": executable}
-    out = await ask_json(client, task_prompt(agent, tools, level, executable), task_schema(names, executable), stats,
+    out = await ask_json(client, task_prompt(agent, tools, level, world), task_schema(names, world), stats,
                          "task_generator", max_tokens=1024)
     if out is None:
         return {**base, "ok": False, "reason": "llm_invalid_json"}
     task = {k: out[k] for k in ("user_goal", "known_info", "hidden_info", "success_criteria", "checkpoints", "gold_actions")}
     task["expected_tools"] = list(dict.fromkeys(a["name"] for a in task["gold_actions"]))
-    if executable:
+    if world == "files":
         task["initial_files"] = {f["path"]: f["content"] for f in out.get("initial_files", [])}
-    else:
+    elif world == "state":
         task["initial_state"] = out.get("initial_state", {})
     if not task["gold_actions"] and level != "single_call":
         stats.add("tasks.no_gold_actions")
@@ -181,7 +193,7 @@ async def write_task(client: LLMClient, agent: dict[str, Any], tools: Sequence[d
     if executable and replay:
         if not task["gold_actions"]:
             return {**base, "ok": False, "reason": "gold_missing", "task": task}
-        async with Environment(list(tools), task_id, initial_files=task["initial_files"], prefix=prefix) as env:
+        async with Environment(list(tools), task_id, initial_files=task.get("initial_files") or {}, prefix=prefix) as env:
             for i, a in enumerate(task["gold_actions"]):
                 r = await env.call(f"functions.{a['name']}:{i}", a["name"], a["arguments"])
                 if r.is_error:

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     for name in ("dedup_threshold", "exec_fraction", "failure_rate", "partial_rate", "edge_rate", "harvest_timeout"):
         p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(d, name))
-    p.add_argument("--simulate-all", action="store_true", help="simulate the executable MCP tools too (no real execution)")
+    p.add_argument("--simulate-all", action="store_true", help="simulate the executable MCP/BFCL tools too (no real execution)")
+    p.add_argument("--no-bfcl", action="store_true", help="leave bfcl-eval's executable APIs out of the repository")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -50,7 +51,7 @@ def config_from(args: argparse.Namespace) -> SynthConfig:
         tools_per_domain=args.tools_per_domain, dedup_threshold=args.dedup_threshold, agents=args.agents,
         tasks_per_agent=args.tasks_per_agent, exec_fraction=args.exec_fraction, max_turns=args.max_turns,
         max_steps=args.max_steps, max_tokens=args.max_tokens, concurrency=args.concurrency, failure_rate=args.failure_rate,
-        partial_rate=args.partial_rate, edge_rate=args.edge_rate, real_tools=not args.simulate_all,
+        partial_rate=args.partial_rate, edge_rate=args.edge_rate, real_tools=not args.simulate_all, bfcl=not args.no_bfcl,
         progress=not args.no_progress)
 
 

@@ -5,7 +5,8 @@ validates against the tool's schema: :func:`openk2.chat.parse.checked_call`); a 
 error observation, as a real tool would. Then:
 
 * real execution where the tool is real and safe: the MCP filesystem server inside a throw-away directory
-  (shown to the agent as ``/workspace``) and the MCP memory server with its own throw-away file;
+  (shown to the agent as ``/workspace``), the MCP memory server with its own throw-away file, and the
+  stateful Python backends of PyPI ``bfcl-eval`` (:mod:`openk2.synth.bfcl`), a fresh instance each;
 * otherwise a tool simulator that acts as a world model: an LLM that keeps a JSON state document across the
   trajectory's calls, answers consistently with it, and returns a state update (a JSON merge patch), with
   controlled randomness: each call is a success, a failure, a partial failure or an edge case at the
@@ -137,12 +138,17 @@ class Environment:
         self.state: dict[str, Any] = copy.deepcopy(self.initial_state)
         self.log: list[CallRecord] = []
         self._sessions: dict[str, MCPSession] = {}
+        self._bfcl: dict[str, Any] = {}
         self._stack = contextlib.AsyncExitStack()
         self._tmp: Path | None = None
 
     # -- lifetime
     async def __aenter__(self) -> "Environment":
-        servers = sorted({e["server"] for e in self.tools if self._runs_real(e)})
+        servers = sorted({e["server"] for e in self.tools if self._runs_real(e) and e["source"] == "mcp"})
+        for api in sorted({e["bfcl"]["api"] for e in self.tools if self._runs_real(e) and e["source"] == "bfcl"}):
+            from openk2.synth.bfcl import Backend
+
+            self._bfcl[api] = Backend(api)
         if servers or self.initial_files:
             self._tmp = Path(tempfile.mkdtemp(prefix="openk2-env-"))
             fs = self._tmp / "filesystem"
@@ -170,7 +176,9 @@ class Environment:
             self._tmp = None
 
     def _runs_real(self, e: dict[str, Any]) -> bool:
-        return self.real and e.get("source") == "mcp" and e.get("server") in EXECUTABLE_SERVERS
+        if not self.real:
+            return False
+        return (e.get("source") == "mcp" and e.get("server") in EXECUTABLE_SERVERS) or e.get("source") == "bfcl"
 
     @property
     def executable(self) -> bool:
@@ -185,7 +193,10 @@ class Environment:
             rec = CallRecord(call_id, name, raw_args, error_observation(err), True, "check")
         else:
             entry = self.by_name[name]
-            if self._runs_real(entry):
+            if self._runs_real(entry) and entry["source"] == "bfcl":
+                text, is_error = self._bfcl[entry["bfcl"]["api"]].call(name, args)
+                rec = CallRecord(call_id, name, args, text, is_error, f"bfcl:{entry['bfcl']['api']}")
+            elif self._runs_real(entry):
                 rec = await self._call_mcp(call_id, entry, args)
             else:
                 rec = await self._call_sim(call_id, entry, args)
@@ -261,6 +272,8 @@ class Environment:
             if "memory" in self._sessions:
                 lines = mem.read_text().splitlines() if mem.exists() else []
                 out["memory"] = sorted((json.loads(x) for x in lines if x.strip()), key=lambda d: json.dumps(d, sort_keys=True))
+        if self._bfcl:
+            out["bfcl"] = {api: b.state() for api, b in sorted(self._bfcl.items())}
         if any(not self._runs_real(e) for e in self.tools):
             out["simulated"] = self.state
         return out

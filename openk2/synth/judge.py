@@ -62,10 +62,11 @@ def rule_checks(traj: dict[str, Any], gold_end_state: dict[str, Any] | None) -> 
     if traj.get("end") != "stop":
         problems.append(f"no_user_stop: the dialogue ended by {traj.get('end')}")
     if gold_end_state is not None:
-        got = {k: v for k, v in (traj.get("end_state") or {}).items() if k in ("files", "memory")}
-        want = {k: v for k, v in gold_end_state.items() if k in ("files", "memory")}
+        real = ("files", "memory", "bfcl")
+        got = {k: v for k, v in (traj.get("end_state") or {}).items() if k in real}
+        want = {k: v for k, v in gold_end_state.items() if k in real}
         if json.dumps(got, sort_keys=True) != json.dumps(want, sort_keys=True):
-            problems.append("end_state_mismatch: the final files/memory differ from the gold replay's")
+            problems.append("end_state_mismatch: the final files/memory/backend state differ from the gold replay's")
     return problems
 
 

@@ -62,6 +62,7 @@ class SynthConfig:
     partial_rate: float = 0.05
     edge_rate: float = 0.1
     real_tools: bool = True
+    bfcl: bool = True  # add bfcl-eval's executable stateful APIs to the repository (when installed)
     progress: bool = True
 
     @property
@@ -200,11 +201,20 @@ class Pipeline:
         atomic_write(self.path("mcp_tools.json"), json.dumps({"tools": res.tools}, indent=1, ensure_ascii=False) + "\n")
         atomic_write(self.path("mcp_servers.json"), json.dumps({"servers": res.servers}, indent=1) + "\n")
         ok = [s for s in res.servers if s["ok"]]
-        return {"servers_ok": len(ok), "servers_failed": len(res.servers) - len(ok), "tools": len(res.tools)}
+        out = {"servers_ok": len(ok), "servers_failed": len(res.servers) - len(ok), "tools": len(res.tools)}
+        if self.cfg.bfcl:
+            from openk2.synth.bfcl import bfcl_tools
+
+            b = bfcl_tools()
+            atomic_write(self.path("bfcl_tools.json"), json.dumps({"tools": b}, indent=1, ensure_ascii=False) + "\n")
+            out["bfcl_tools"] = len(b)
+        return out
 
     def stage_evolve(self) -> dict[str, Any]:
         cfg, stats = self.cfg, Stats()
         real = self._need("mcp_tools.json", "harvest")["tools"]
+        if self.path("bfcl_tools.json").exists():
+            real = real + read_json(self.path("bfcl_tools.json"))["tools"]
         cats = list(evolve_mod.CATEGORIES[: cfg.categories])
         dstore = JsonlStore(self.path("evolve_domains.jsonl"))
 
