@@ -2,6 +2,7 @@
 
     python benchmarks/bench_sandbox.py                 # /bin/true and python -c, concurrency 1/2/8, HumanEval
     python benchmarks/bench_sandbox.py --runs 40 --no-humaneval
+    python benchmarks/bench_sandbox.py --backend bwrap
 
 The anchor runs the SAME program with `subprocess.run` (no isolation, no limits) in the same process, in
 the same run, at the same concurrency (a thread pool of that size); the table reports sandbox / anchor.
@@ -116,11 +117,20 @@ def main() -> int:
     bare_latency(PROGRAMS["true"], 3)
     print("\n| program | measure | sandbox | bare subprocess.run | sandbox / bare |")
     print("|---|---|---|---|---|")
+    exec_sb = None
+    if getattr(backend, "_zygote", None) is not None:  # the same backend without its fork server
+        from openk2.sandbox.local import LocalBackend
+
+        exec_sb = Sandbox(LocalBackend(backend.mode, use_zygote=False), concurrency=1, limits=Limits(timeout_s=60))
     for name, cmd in PROGRAMS.items():
         s = asyncio.run(sb_latency(sb, cmd, args.latency_runs))
         b = bare_latency(cmd, args.latency_runs)
         print(f"| `{name}` | start-up latency (median of {args.latency_runs}) | {s * 1000:.1f} ms | "
               f"{b * 1000:.1f} ms | {s / b:.2f}x |", flush=True)
+        if exec_sb is not None:
+            e = asyncio.run(sb_latency(exec_sb, cmd, args.latency_runs))
+            print(f"| `{name}` | start-up latency, launcher exec'd per run (no zygote) | {e * 1000:.1f} ms | "
+                  f"{b * 1000:.1f} ms | {e / b:.2f}x |", flush=True)
         for c in concs:
             s = asyncio.run(sb_throughput(backend, cmd, args.runs, c))
             b = bare_throughput(cmd, args.runs, c)

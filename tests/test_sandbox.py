@@ -334,3 +334,29 @@ def test_remote_backend_unreachable_is_an_error_result():
     s.close()  # nothing listens there now
     r = Sandbox(f"http://127.0.0.1:{port}").run_sync(["true"])
     assert r.status == ERROR and "remote sandbox" in r.error
+
+
+# ------------------------------------------------------------------------------------ launcher paths
+
+def test_exec_path_and_zygote_recovery(sb):
+    """Both ways of starting the launcher: exec'd per run, and forked by the zygote (which is respawned)."""
+    from openk2.sandbox.local import LocalBackend
+
+    if sb.name != "namespaces":
+        pytest.skip("the zygote serves the namespaces backend")
+    plain = Sandbox(LocalBackend("namespaces", use_zygote=False), limits=Limits(timeout_s=1, output_bytes=1000))
+    r = plain.run_sync(RunRequest(["sh", "-c", "tr a-z A-Z; echo e >&2"], stdin="abc\n"))
+    assert r.ok and r.stdout == "ABC\n" and r.stderr == "e\n"
+    assert plain.run_sync(["sleep", "30"]).status == TIMEOUT
+    assert plain.run_sync(["yes"]).status == OUTPUT_LIMIT
+    big = "x" * 200_000  # larger than a zygote message: exec path even with the zygote on
+    r = sb.run_sync(RunRequest(["wc", "-c", "big.txt"], files={"big.txt": big}))
+    assert r.ok and r.stdout.split()[0] == "200000"
+    backend = LocalBackend("namespaces")
+    zsb = Sandbox(backend, limits=Limits(timeout_s=5))
+    assert zsb.run_sync(["echo", "one"]).stdout == "one\n"
+    first = backend._zygote.proc
+    first.kill()
+    first.wait()
+    assert zsb.run_sync(["echo", "two"]).stdout == "two\n"  # a fresh zygote took over
+    assert backend._zygote.proc is not first and backend._zygote.proc.poll() is None

@@ -402,7 +402,7 @@ class Reaper:
             return True
         if self.pid1:
             return info.si_pid == 0  # sent from outside the PID namespace (its sender is not visible here)
-        return info.si_pid in (os.getppid(), 0)
+        return info.si_pid in (os.getppid(), 0, self.cfg.get("host_pid", 0))
 
     def _kill_all(self):
         if self.pid1:
@@ -699,7 +699,71 @@ def main_bwrap(cfg, status_fd, config_fd):
     os.execv(cfg["bwrap"], args)
 
 
+def main_zygote(sock_fd):
+    """A fork server: one interpreter start-up for many runs (the host falls back to exec'ing this file).
+
+    Each request is one SOCK_SEQPACKET message: the marshal config plus four fds (stdin, stdout, stderr,
+    status). The zygote forks a launcher for it (its own session), answers with the launcher's pid, and
+    exits when the host closes the socket.
+    """
+    global T_START
+    import socket
+
+    sock = socket.socket(fileno=sock_fd)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # launchers are reaped by the kernel
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1 << 18, 4)
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+        if not msg:
+            os._exit(0)  # the host is gone
+        if len(fds) != 4:
+            for f in fds:
+                os.close(f)
+            sock.send(b"-1")
+            continue
+        pid = os.fork()
+        if pid == 0:
+            status_fd = fds[3]
+            try:
+                T_START = time.monotonic()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                sock.close()
+                os.setsid()
+                for i in range(3):
+                    os.dup2(fds[i], i)
+                for f in fds[:3]:
+                    if f > 2:
+                        os.close(f)
+                os.set_inheritable(status_fd, False)
+                cfg = marshal.loads(msg)
+                if cfg["mode"] == "namespaces":
+                    main_namespaces(cfg, status_fd)
+                elif cfg["mode"] == "rlimit":
+                    main_rlimit(cfg, status_fd)
+                else:
+                    write_status(status_fd, {"error": f"mode {cfg['mode']!r} not served by the zygote",
+                                             "setup_failed": True})
+            except BaseException as e:  # noqa: BLE001
+                try:
+                    write_status(status_fd, {"error": f"sandbox launcher failed: {e}", "setup_failed": True})
+                except OSError:
+                    pass
+            os._exit(0)
+        for f in fds:
+            os.close(f)
+        try:
+            sock.send(str(pid).encode())
+        except OSError:
+            os._exit(0)
+
+
 def main(argv):
+    if "--zygote" in argv:
+        return main_zygote(int(argv[argv.index("--zygote") + 1]))
     config_fd = int(argv[argv.index("--config-fd") + 1])
     status_fd = int(argv[argv.index("--status-fd") + 1])
     os.set_inheritable(status_fd, False)

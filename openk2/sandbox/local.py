@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -160,13 +161,79 @@ def _decode(b: bytes | bytearray) -> str:
     return bytes(b).decode("utf-8", errors="replace")
 
 
+class _Zygote:
+    """The host end of the launcher's fork server (`_launcher.py --zygote`): one per backend and process.
+
+    `spawn` hands it a config and four fds and gets the launcher's pid back; any failure (too large a
+    config, a dead zygote twice in a row) returns None and the caller exec's the launcher instead.
+    """
+
+    MAX_MESSAGE = 150_000  # SOCK_SEQPACKET messages must fit the socket buffer
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sock = None
+        self.proc = None
+        self.owner = None
+        self.failures = 0
+
+    def _start(self):
+        import socket
+
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", LAUNCHER, "--zygote", str(child.fileno())],
+                                         pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            child.close()
+        self.sock, self.owner = parent, os.getpid()
+
+    def _close(self):
+        if self.sock is not None:
+            self.sock.close()
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            with contextlib.suppress(Exception):
+                self.proc.wait(timeout=5)
+        self.sock = self.proc = None
+
+    def spawn(self, data: bytes, fds: list[int]) -> int | None:
+        import socket
+
+        if len(data) > self.MAX_MESSAGE or self.failures >= 3:
+            return None
+        with self.lock:
+            if self.owner != os.getpid():  # a forked host: never share the parent's zygote
+                self.sock = self.proc = None
+            for _ in range(2):
+                try:
+                    if self.sock is None:
+                        self._start()
+                    socket.send_fds(self.sock, [data], fds)
+                    reply = self.sock.recv(32)
+                    pid = int(reply) if reply else -1
+                    if pid > 0:
+                        return pid
+                except (OSError, ValueError):
+                    pass
+                self.failures += 1
+                self._close()
+            return None
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self._close()
+
+
 class LocalBackend:
     """One of the local modes: ``namespaces`` (default where it works), ``bwrap``, ``rlimit`` (no isolation)."""
 
     ISOLATION = {"namespaces": "namespaces", "bwrap": "bwrap", "rlimit": "none"}
 
     def __init__(self, mode: str = "namespaces", ro_paths_extra: tuple[str, ...] = (), bwrap: str | None = None,
-                 outer_uid: int = 65534):
+                 outer_uid: int = 65534, use_zygote: bool = True):
         if mode not in self.ISOLATION:
             raise SandboxError(f"unknown local sandbox mode {mode!r} (namespaces, bwrap, rlimit)")
         self.mode, self.name, self.isolation = mode, mode, self.ISOLATION[mode]
@@ -174,6 +241,7 @@ class LocalBackend:
         self.bwrap = bwrap or os.environ.get("OPENK2_BWRAP") or shutil.which("bwrap")
         self.outer_uid = outer_uid
         self.memory_limit_by = "RLIMIT_AS"
+        self._zygote = _Zygote() if mode in ("namespaces", "rlimit") and use_zygote else None
 
     # --------------------------------------------------------------------------------------- availability
 
@@ -205,7 +273,7 @@ class LocalBackend:
             "executable": list(req.executable),
             "src_dir": os.path.realpath(req.src_dir) if req.src_dir else None,
             "fetch_files": list(req.fetch_files), "limits": limits.to_dict(), "ro_paths": self.ro_paths,
-            "outer_uid": self.outer_uid, "workdir": workdir, "bwrap": self.bwrap,
+            "outer_uid": self.outer_uid, "workdir": workdir, "bwrap": self.bwrap, "host_pid": os.getpid(),
             # D's own deadline: under bwrap the host cannot reach D with a signal, so D ends the run on time
             "deadline_grace_s": 0.0 if self.mode == "bwrap" else 2.0,
         }
@@ -227,8 +295,90 @@ class LocalBackend:
                 shutil.rmtree(workdir, ignore_errors=True)
 
     async def _run(self, req: RunRequest, limits: Limits, workdir: str | None) -> RunResult:
-        loop = asyncio.get_running_loop()
         data = marshal.dumps(self._config(req, limits, workdir))
+        if self._zygote is not None:
+            res = await self._run_zygote(req, limits, data)
+            if res is not None:
+                return res
+        return await self._run_exec(req, limits, data)
+
+    async def _run_zygote(self, req: RunRequest, limits: Limits, data: bytes) -> RunResult | None:
+        """The fast path: the zygote forks the launcher (no interpreter start-up per run)."""
+        loop = asyncio.get_running_loop()
+        stdin = req.stdin_bytes()
+        t0 = time.monotonic()
+        in_r, in_w = os.pipe() if stdin else (os.open(os.devnull, os.O_RDONLY), None)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        st_r, st_w = os.pipe()
+        try:
+            pid = self._zygote.spawn(data, [in_r, out_w, err_w, st_w])
+        finally:
+            for fd in (in_r, out_w, err_w, st_w):
+                os.close(fd)
+        if pid is None:
+            for fd in (in_w, out_r, err_r, st_r):
+                if fd is not None:
+                    os.close(fd)
+            return None
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            pidfd = None  # already gone (or no pidfd): signals are skipped, the pipes still end the run
+
+        def send(sig: int) -> None:
+            if pidfd is not None:
+                with contextlib.suppress(ProcessLookupError, OSError):
+                    signal.pidfd_send_signal(pidfd, sig)
+
+        reason: list[str] = []
+        hard_kill: list[asyncio.TimerHandle] = []
+
+        def end(why: str) -> None:
+            if reason:
+                return
+            reason.append(why)
+            send(signal.SIGUSR1)
+            hard_kill.append(loop.call_later(KILL_GRACE_S, send, signal.SIGKILL))
+
+        async def reader(fd: int) -> asyncio.StreamReader:
+            r = asyncio.StreamReader(limit=1 << 16)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(r), os.fdopen(fd, "rb", 0))
+            return r
+
+        out, err = _Capped(limits.output_bytes), _Capped(limits.output_bytes)
+        status_task = asyncio.ensure_future(_read_pipe(st_r))
+        pumps = [asyncio.ensure_future(_pump(await reader(out_r), out, lambda: end(OUTPUT_LIMIT))),
+                 asyncio.ensure_future(_pump(await reader(err_r), err, lambda: end(OUTPUT_LIMIT)))]
+        feeder = loop.run_in_executor(None, _write_all_blocking, in_w, stdin) if stdin else None
+        try:
+            try:
+                await asyncio.wait_for(asyncio.shield(status_task), timeout=limits.timeout_s + 0.5)
+            except asyncio.TimeoutError:
+                end(TIMEOUT)
+                done, _ = await asyncio.wait([status_task], timeout=KILL_GRACE_S + 2.0)
+                if not done:
+                    send(signal.SIGKILL)
+            done, pending = await asyncio.wait(pumps + [status_task], timeout=KILL_GRACE_S + 1.0)
+            for t in pending:
+                t.cancel()
+            status_raw = status_task.result() if status_task in done else b""
+        except BaseException:
+            send(signal.SIGKILL)
+            raise
+        finally:
+            for h in hard_kill:
+                h.cancel()
+            if feeder is not None:
+                with contextlib.suppress(BaseException):
+                    await asyncio.wait_for(asyncio.shield(feeder), timeout=1.0)
+            if pidfd is not None:
+                os.close(pidfd)
+        return self._result(status_raw, out, err, time.monotonic() - t0, limits, reason[0] if reason else None)
+
+    async def _run_exec(self, req: RunRequest, limits: Limits, data: bytes) -> RunResult:
+        """The plain path: exec the launcher (bwrap, very large requests, or no zygote)."""
+        loop = asyncio.get_running_loop()
         cfg_r, cfg_w = os.pipe()
         st_r, st_w = os.pipe()
         t0 = time.monotonic()
