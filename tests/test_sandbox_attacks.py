@@ -249,6 +249,8 @@ def test_symlinks_cannot_reach_the_host_for_setup_or_fetch(sb, tmp_path):
     assert r.status == "error" and "Read-only file system" in r.error, r
     assert not Path(f"/etc/pwned-{tag}").exists()
     # fetching through a link the program made: read with the program's rights, so root-only files stay closed
+    if sb.name == "bwrap" and os.geteuid() == 0:
+        pytest.skip("bwrap run by root: the sandbox user is host uid 0, the owner of /etc/shadow (docs/sandbox.md)")
     req = RunRequest(["sh", "-c", "ln -s /etc/shadow shadow; ln -s /etc etc; ln -s /proc/1/environ env"],
                      fetch_files=["shadow", "etc/shadow", "env", "etc/hostname"])
     r = sb.run_sync(req)
