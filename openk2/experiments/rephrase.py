@@ -95,6 +95,9 @@ class Settings(Scale):
     gen_concurrency: int = 16
     arms: tuple[str, ...] = ("raw", "one", "many", "template")
     world_seed: int = 0
+    # each arm's documents are written this many times, each copy in its own shuffled order: the packer cuts a
+    # stream into fixed windows, and a tiny corpus repeated as one stream would be memorised as windows, not facts
+    doc_copies: int = 32
 
 
 def default_settings() -> Settings:
@@ -103,7 +106,7 @@ def default_settings() -> Settings:
 
 def quick_settings() -> Settings:
     return Settings(vocab_size=512, seq_len=32, batch_size=4, steps=6, val_every=3, val_batches=1, dtype="float32",
-                    seeds=(0,), entities=6, heldout=3, rephrasings=2, gen_concurrency=8)
+                    seeds=(0,), entities=6, heldout=3, rephrasings=2, gen_concurrency=8, doc_copies=2)
 
 
 # ------------------------------------------------------------------------------------------------ the world
@@ -224,14 +227,18 @@ def build_arms(s: Settings, people: list[dict], heldout: list[dict], kept: dict[
         domain = f"text-{arm}"
         path = data / f"{arm}.jsonl"
         source = f"local:{path.name}"
-        lines = [{"id": _pick_id(domain, i, "train", vf, source), "text": t} for i, t in docs]
+        # copies in different orders: the corpus orders documents by a hash of their id, so each copy lands elsewhere
+        lines = [{"id": _pick_id(domain, f"{i}~{c}", "train", vf, source), "text": t}
+                 for c in range(s.doc_copies) for i, t in docs]
         lines += [{"id": _pick_id(domain, f"h{j}", "val", vf, source), "text": raw_bio(p)} for j, p in enumerate(heldout)]
         path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
         files[domain] = [str(path.resolve())]
         info[arm] = {"train_docs": len(docs), "fallback_to_raw": fallback.get(arm, 0)}
     from openk2.data.corpus import CorpusConfig
 
-    cfg = CorpusConfig(name="rephrase-experiment", shakespeare=False, bible=False, stdlib=False, math_problems={},
+    # the content's hash in the name: new rephrasings make a new corpus fingerprint (shards rebuilt, runs retrained)
+    content = hashlib.sha256(b"".join(Path(f[0]).read_bytes() for f in files.values())).hexdigest()[:12]
+    cfg = CorpusConfig(name=f"rephrase-experiment-{content}", shakespeare=False, bible=False, stdlib=False, math_problems={},
                        evals_excerpts=False, local_files=files, val_fraction=vf, seed=s.world_seed)
     return cfg.to_dict(), info
 
@@ -329,8 +336,8 @@ def run(s: Settings, runner: Runner) -> tuple[str, dict]:
     budget = s.steps * s.batch_size * s.seq_len
     for arm in s.arms:
         sh = index.shard("train", f"text-{arm}")
-        arm_info[arm]["train_tokens"] = sh.num_tokens
-        arm_info[arm]["epochs"] = budget / sh.num_tokens
+        arm_info[arm]["train_tokens"] = sh.num_tokens // s.doc_copies  # one copy
+        arm_info[arm]["epochs"] = budget / arm_info[arm]["train_tokens"]
     runner.planned = len(s.arms) * len(s.seeds)
     runs: dict[str, list[Run]] = {a: [] for a in s.arms}
     for arm in s.arms:
