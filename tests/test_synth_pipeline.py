@@ -266,3 +266,44 @@ def test_end_to_end_with_the_local_model(tmp_path):
     assert main(args) == 0
     again = json.loads((out / "card.json").read_text())
     assert again["kept"] == card["kept"] and again["llm_requests"] == card["llm_requests"]
+
+
+@pytest.mark.slow
+def test_item_stages_on_ray_match_a_local_run(tmp_path):
+    """agents/tasks/rollout/judge as Ray tasks over 3 shards (a real local Ray instance) give the same records
+    as one local run."""
+    pytest.importorskip("ray")
+    if not _mcp_ready():
+        pytest.skip("npm MCP servers not installed")
+    from openk2.llm import make_client
+    from openk2.synth.pipeline import Clients, Pipeline, SynthConfig
+    from openk2.synth.ray_stage import run_on_ray
+    from openk2.synth.replay import ReplayServer
+
+    def cfg(out):
+        return SynthConfig(out=out, servers=("filesystem", "memory"), categories=1, domains_per_category=2,
+                           tools_per_domain=4, agents=4, tasks_per_agent=2, exec_fraction=0.5, concurrency=2,
+                           failure_rate=0.0, partial_rate=0.0, edge_rate=0.0, progress=False, bfcl=False)
+
+    with ReplayServer(script()) as srv:
+        local = Pipeline(cfg(tmp_path / "local"), Clients.same(make_client(srv.url)))
+        local.run(["harvest", "evolve", "agents", "tasks", "rollout", "judge", "export"], say=lambda s: None)
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            res = run_on_ray(cfg(tmp_path / "ray"), {r: srv.url for r in ("agent_writer", "task_generator", "user",
+                                                                           "simulator", "agent", "judge", "tool_generator")},
+                             ["harvest", "evolve", "agents", "tasks", "rollout", "judge", "export"], shards=3,
+                             clients=Clients.same(make_client(srv.url)), say=lambda s: None)
+        finally:
+            ray.shutdown()
+    assert res["rollout"]["shards"] == 3 and res["judge"]["merged"] == res["judge"]["judged"] > 0
+    for f in ("agents.jsonl", "tasks.jsonl", "judged.jsonl"):
+        a = {r["id"]: r for r in _jsonl(tmp_path / "local" / f)}
+        b = {r["id"]: r for r in _jsonl(tmp_path / "ray" / f)}
+        assert a.keys() == b.keys()
+        if f != "tasks.jsonl":
+            assert a == b
+    assert json.loads((tmp_path / "ray" / "card.json").read_text())["kept"] == json.loads(
+        (tmp_path / "local" / "card.json").read_text())["kept"]

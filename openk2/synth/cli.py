@@ -33,6 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--simulate-all", action="store_true", help="simulate the executable MCP/BFCL tools too (no real execution)")
     p.add_argument("--no-bfcl", action="store_true", help="leave bfcl-eval's executable APIs out of the repository")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="run the item stages (agents, tasks, rollout, judge) as "
+                   "Ray tasks: 'local' or a cluster address (auto, ray://HEAD:10001); needs pip install ray")
+    p.add_argument("--shards", type=int, default=None, help="with --ray: shards per stage (default: the cluster's CPUs)")
 
 
 def config_from(args: argparse.Namespace) -> SynthConfig:
@@ -83,8 +86,14 @@ def main(args: argparse.Namespace) -> int:
     if bad:
         raise OpenK2Error(f"unknown stage {bad[0]!r} (stages: {', '.join(STAGES)}, or all)")
     cfg = config_from(args)
-    pipe = Pipeline(cfg, clients_for(args, stages))
-    res = pipe.run(stages)
+    if args.ray:
+        from openk2.synth.ray_stage import run_on_ray
+
+        specs = {r: getattr(args, f"{r}_llm") or args.llm for r in ROLES}
+        res = run_on_ray(cfg, specs, stages, address=args.ray, shards=args.shards, cache=not args.no_cache,
+                         model=args.model, clients=clients_for(args, stages))
+    else:
+        res = Pipeline(cfg, clients_for(args, stages)).run(stages)
     if "export" in res:
         card = json.loads((cfg.out / "card.json").read_text())
         print(f"kept {card['kept']} trajectories; LLM calls per kept trajectory {card['llm_calls_per_kept_trajectory']}; "

@@ -107,11 +107,16 @@ class Clients:
 
 
 class Pipeline:
-    def __init__(self, cfg: SynthConfig, clients: Clients | None = None) -> None:
+    def __init__(self, cfg: SynthConfig, clients: Clients | None = None, shard: tuple[int, int] | None = None) -> None:
+        """`shard` = (k, n): run only the items of shard k of n (by a hash of their id) of the item stages
+        (agents, tasks, rollout, judge), reading the inputs from OUT and writing to OUT/shards/k-of-n/ (merged
+        by :func:`merge_shards`); see :mod:`openk2.synth.ray_stage`."""
         self.cfg = cfg
         self.clients = clients or Clients()
         self.out = Path(cfg.out)
         self.out.mkdir(parents=True, exist_ok=True)
+        self.shard = shard
+        self.wdir = self.out / "shards" / f"{shard[0]}-of-{shard[1]}" if shard else self.out
 
     # -- helpers
     def _run(self, coro: Any) -> Any:
@@ -132,23 +137,33 @@ class Pipeline:
 
     def _save_stats(self, stage: str, stats: Stats, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         """Counters add up over reruns (a resumed stage counts only the work it did)."""
-        p = self.path(f"stats/{stage}.json")
+        p = self.wdir / f"stats/{stage}.json"
         old = read_json(p) if p.exists() else {}
         counters = Counter(old.get("counters", {}))
         counters.update(stats.as_dict())
         data = {"stage": stage, "counters": dict(sorted(counters.items())), **(extra or {})}
         if "requests" in old:
             data["requests"] = old["requests"]
-        atomic_write(self.path(f"stats/{stage}.json"), json.dumps(data, indent=2) + "\n")
+        atomic_write(p, json.dumps(data, indent=2) + "\n")
         return data
 
     def _add_requests(self, stage: str, used: dict[str, int]) -> None:
-        p = self.path(f"stats/{stage}.json")
+        p = self.wdir / f"stats/{stage}.json"
         data = read_json(p) if p.exists() else {"stage": stage, "counters": {}}
         req = Counter(data.get("requests", {}))
         req.update(used)
         data["requests"] = dict(req)
         atomic_write(p, json.dumps(data, indent=2) + "\n")
+
+    def _store(self, name: str) -> JsonlStore:
+        """An item stage's output: in OUT, or in this shard's folder."""
+        return JsonlStore(self.wdir / name)
+
+    def _mine(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.shard is None:
+            return items
+        k, n = self.shard
+        return [it for it in items if shard_of(it["id"], n) == k]
 
     def _need(self, name: str, stage: str) -> Any:
         p = self.path(name)
@@ -257,7 +272,7 @@ class Pipeline:
         async def write(it: dict[str, Any]) -> dict[str, Any]:
             return await agents_mod.write_agent(self.clients["agent_writer"], it, [repo[i] for i in it["tool_ids"]], stats)
 
-        recs = self._run(run_items(plans, write, JsonlStore(self.path("agents.jsonl")), concurrency=cfg.concurrency,
+        recs = self._run(run_items(self._mine(plans), write, self._store("agents.jsonl"), concurrency=cfg.concurrency,
                                      description="agents", progress=cfg.progress, stats=stats))
         self._save_stats("agents", stats)
         return _outcome(recs)
@@ -275,7 +290,7 @@ class Pipeline:
             return await agents_mod.write_task(self.clients["task_generator"], a, [repo[i] for i in a["tool_ids"]], it["level"], it["id"], stats,
                                                prefix=cfg.mcp_dir, replay=cfg.real_tools)
 
-        recs = self._run(run_items(items, write, JsonlStore(self.path("tasks.jsonl")), concurrency=cfg.concurrency,
+        recs = self._run(run_items(self._mine(items), write, self._store("tasks.jsonl"), concurrency=cfg.concurrency,
                                      description="tasks", progress=cfg.progress, stats=stats))
         self._save_stats("tasks", stats)
         return _outcome(recs)
@@ -299,7 +314,7 @@ class Pipeline:
                                      max_steps=cfg.max_steps, max_tokens=cfg.max_tokens, stats=stats)
             return {"id": it["id"], "ok": True, "task_id": t["id"], "agent_id": agent["id"], **traj}
 
-        recs = self._run(run_items(items, run, JsonlStore(self.path("trajectories.jsonl")), concurrency=cfg.concurrency,
+        recs = self._run(run_items(self._mine(items), run, self._store("trajectories.jsonl"), concurrency=cfg.concurrency,
                                      description="rollout", progress=cfg.progress, stats=stats))
         self._save_stats("rollout", stats)
         ends = Counter(r.get("end", r.get("reason")) for r in recs)
@@ -322,7 +337,7 @@ class Pipeline:
             return {"id": traj["id"], "ok": True, "keep": keep, "reasons": reasons, "rules": rules, "verdict": verdict}
 
         items = [{**t} for t in trajs]
-        recs = self._run(run_items(items, one, JsonlStore(self.path("judged.jsonl")), concurrency=cfg.concurrency,
+        recs = self._run(run_items(self._mine(items), one, self._store("judged.jsonl"), concurrency=cfg.concurrency,
                                      description="judge", progress=cfg.progress, stats=stats))
         self._save_stats("judge", stats)
         kept = sum(bool(r.get("keep")) for r in recs)
@@ -419,6 +434,43 @@ class Pipeline:
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()},
         }
         return card
+
+
+ITEM_STAGES = {"agents": "agents.jsonl", "tasks": "tasks.jsonl", "rollout": "trajectories.jsonl", "judge": "judged.jsonl"}
+
+
+def shard_of(item_id: str, shards: int) -> int:
+    """The shard of an item: a hash of its id, the same on every run."""
+    return int(stable_id(item_id, n=8), 16) % shards
+
+
+def merge_shards(out: Path, stage: str, shards: int) -> int:
+    """Append the shards' records of `stage` that OUT's file lacks (or holds only as retryable); add up their
+    counters into OUT/stats. Returns the number of records merged."""
+    main = JsonlStore(Path(out) / ITEM_STAGES[stage])
+    merged = 0
+    total: Counter[str] = Counter()
+    requests: Counter[str] = Counter()
+    for k in range(shards):
+        d = Path(out) / "shards" / f"{k}-of-{shards}"
+        for rec in JsonlStore(d / ITEM_STAGES[stage]).values() if (d / ITEM_STAGES[stage]).exists() else []:
+            if rec["id"] not in main.done and main.records.get(rec["id"]) != rec:
+                main.add(rec)
+                merged += 1
+        sp = d / "stats" / f"{stage}.json"
+        if sp.exists():
+            data = read_json(sp)
+            total.update(data.get("counters", {}))
+            requests.update(data.get("requests", {}))
+            sp.unlink()  # counted once
+    p = Path(out) / "stats" / f"{stage}.json"
+    old = read_json(p) if p.exists() else {"stage": stage, "counters": {}}
+    c = Counter(old.get("counters", {}))
+    c.update(total)
+    r = Counter(old.get("requests", {}))
+    r.update(requests)
+    atomic_write(p, json.dumps({**old, "counters": dict(sorted(c.items())), "requests": dict(r)}, indent=2) + "\n")
+    return merged
 
 
 def _outcome(recs: list[dict[str, Any]]) -> dict[str, Any]:
