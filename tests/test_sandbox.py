@@ -30,7 +30,6 @@ from openk2.sandbox import (  # noqa: E402
     SandboxError,
     TestCase,
     get_backend,
-    run_tests,
     run_tests_sync,
 )
 

@@ -4,7 +4,6 @@ host is unchanged afterwards (no connection reached the listener, no file change
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys

@@ -42,7 +42,8 @@ def _both(problems):
 
 
 def _check(problems, good, bad):
-    failed_good = {t: (r.results[0].status, r.results[0].error, r.run.status) for t, r in good.items() if not r.all_passed}
+    failed_good = {t: (r.results[0].status, r.results[0].error, r.run.status)
+                   for t, r in good.items() if not r.all_passed}
     passed_bad = [t for t, r in bad.items() if r.passed]
     assert failed_good == {} and passed_bad == []
     assert sum(r.passed for r in good.values()) == len(problems)

@@ -428,7 +428,8 @@ class Reaper:
                                           "cpu_s": 0.0, "max_rss_kb": 0, "orphans_killed": 0, "files": {}})
             return
         # a second line of defence behind the host's wall clock: the sandbox ends itself
-        signal.setitimer(signal.ITIMER_REAL, float(cfg["limits"]["timeout_s"]) + float(cfg.get("deadline_grace_s", 2.0)))
+        deadline = float(cfg["limits"]["timeout_s"]) + float(cfg.get("deadline_grace_s", 2.0))
+        signal.setitimer(signal.ITIMER_REAL, deadline)
         t0 = time.monotonic()
         setup_s = t0 - T_START
         pid, exec_error = spawn_program(cfg, uid, drop, workdir)
@@ -680,7 +681,8 @@ def main_bwrap(cfg, status_fd, config_fd):
     if cfg.get("src_dir"):
         args += ["--ro-bind", cfg["src_dir"], "/.openk2-src"]
     me = os.path.abspath(__file__)
-    args += ["--ro-bind", me, "/.openk2-launcher.py", "--remount-ro", "/", "--", sys.executable, "-I", "-S", "/.openk2-launcher.py",
+    args += ["--ro-bind", me, "/.openk2-launcher.py", "--remount-ro", "/", "--",
+             sys.executable, "-I", "-S", "/.openk2-launcher.py",
              "--inside", "--config-fd", str(config_fd), "--status-fd", str(status_fd)]
     os.set_inheritable(status_fd, True)
     # bwrap re-reads the config from a fresh pipe (we consumed ours)

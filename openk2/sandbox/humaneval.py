@@ -50,7 +50,8 @@ async def evaluate(programs: dict[str, str], problems: list[dict] | None = None,
         raise SandboxError(f"unknown HumanEval task ids: {missing[:5]}")
     out: dict[str, TestReport] = {}
     if progress is None:
-        reports = await asyncio.gather(*(check(by_id[t], p, sandbox=sandbox, limits=limits) for t, p in programs.items()))
+        reports = await asyncio.gather(*(check(by_id[t], p, sandbox=sandbox, limits=limits)
+                                         for t, p in programs.items()))
         return dict(zip(programs, reports))
     from openk2.utils import progress_bar
 

@@ -500,7 +500,9 @@ class LocalBackend:
             error = f"output over {limits.output_bytes} bytes"
         return RunResult(
             status=status, exit_code=exit_code, signal=sig, stdout=_decode(out.buf), stderr=_decode(err.buf),
-            wall_s=round(wall, 4), cpu_s=cpu, max_rss_mb=round(st["max_rss_kb"] / 1024, 2) if st.get("max_rss_kb") else None,
+            wall_s=round(wall, 4), cpu_s=cpu,
+            max_rss_mb=round(st["max_rss_kb"] / 1024, 2) if st.get("max_rss_kb") else None,
             stdout_truncated=out.over, stderr_truncated=err.over, backend=self.name, isolation=self.isolation,
-            memory_limit_by=self.memory_limit_by if limits.memory_mb else "", orphans_killed=st.get("orphans_killed", 0),
+            memory_limit_by=self.memory_limit_by if limits.memory_mb else "",
+            orphans_killed=st.get("orphans_killed", 0),
             error=error, files={k: bytes(v) for k, v in (st.get("files") or {}).items()})
