@@ -359,3 +359,25 @@ def test_exec_path_and_zygote_recovery(sb):
     first.wait()
     assert zsb.run_sync(["echo", "two"]).stdout == "two\n"  # a fresh zygote took over
     assert backend._zygote.proc is not first and backend._zygote.proc.poll() is None
+
+
+def test_auto_without_namespaces_refuses_unless_opted_in(monkeypatch):
+    """What a machine without user namespaces sees: `auto` names each reason and refuses the fallback."""
+    import openk2.sandbox.pool as pool
+    from openk2.sandbox.local import LocalBackend
+
+    monkeypatch.delenv("OPENK2_SANDBOX_ALLOW_UNSAFE", raising=False)
+    for mode, why in (("namespaces", "trial run failed: cannot create namespaces: unshare: Operation not "
+                                     "permitted"),
+                      ("bwrap", "bwrap (bubblewrap) is not on PATH")):
+        b = LocalBackend(mode)
+        b.__dict__["availability"] = (False, why)  # the cached probe result, as such a machine computes it
+        monkeypatch.setitem(pool._BACKENDS, ("local", mode), b)
+    with pytest.raises(SandboxError) as e:
+        get_backend("auto")
+    msg = str(e.value)
+    assert "namespaces: trial run failed" in msg and "bwrap: bwrap (bubblewrap) is not on PATH" in msg
+    assert "allow_unsafe=True" in str(e.value)
+    monkeypatch.setattr(pool, "_WARNED", [True])  # the warning itself is checked above
+    monkeypatch.setenv("OPENK2_SANDBOX_ALLOW_UNSAFE", "1")
+    assert get_backend("auto").name == "rlimit"
