@@ -63,7 +63,9 @@ def pipeline(out: Path, url: str, concurrency: int, args: argparse.Namespace):
     cfg = SynthConfig(out=out, servers=("filesystem", "memory"), categories=args.categories, domains_per_category=2,
                       tools_per_domain=3, agents=args.tasks, tasks_per_agent=1, exec_fraction=0.34, max_turns=args.max_turns,
                       max_steps=args.max_steps, max_tokens=args.max_tokens, concurrency=concurrency, progress=False)
-    client = make_client(url, max_concurrency=concurrency)
+    # a long timeout: 16 concurrent replies on a shared 2-core CPU take minutes; a cache only for the untimed setup
+    client = make_client(url, max_concurrency=concurrency, timeout=1800,
+                         cache_dir=out / "llm_cache" if out.name == "base" else None)
     return Pipeline(cfg, Clients.same(client)), client
 
 
@@ -72,9 +74,9 @@ def main() -> int:
     ap.add_argument("--endpoint", default=None, help="an OpenAI-compatible endpoint (default: start openk2 serve smollm2)")
     ap.add_argument("--tasks", type=int, default=16, help="trajectories per concurrency level (one task per agent)")
     ap.add_argument("--categories", type=int, default=2)
-    ap.add_argument("--max-turns", type=int, default=2)
+    ap.add_argument("--max-turns", type=int, default=1)
     ap.add_argument("--max-steps", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("--keep", type=Path, default=None, help="keep the run folders here")
     args = ap.parse_args()

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(f"--{r.replace('_', '-')}-llm", dest=f"{r}_llm", default=None, help=f"LLM of the {r} role (default --llm)")
     p.add_argument("--model", default=None, help="model name at the endpoint (default: its first model)")
     p.add_argument("--no-cache", action="store_true", help="do not cache LLM replies (default: OUT/llm_cache)")
+    p.add_argument("--request-timeout", type=float, default=900.0,
+                   help="seconds an endpoint may take for one reply (default 900: a loaded CPU server is slow)")
     d = SynthConfig(out=Path("."))
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--servers", default="", help="comma-separated MCP server names (default: the whole catalogue)")
@@ -67,7 +69,7 @@ def clients_for(args: argparse.Namespace, stages: list[str]) -> Clients:
     def make(spec: str):
         kw = {"cache_dir": None if args.no_cache else args.out / "llm_cache"}
         if spec.startswith(("http://", "https://")):
-            kw.update(model=args.model, max_concurrency=max(1, args.concurrency))
+            kw.update(model=args.model, max_concurrency=max(1, args.concurrency), timeout=args.request_timeout)
         return make_client(spec, **kw)
 
     factories: dict[str, object] = {}

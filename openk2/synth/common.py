@@ -83,7 +83,8 @@ class JsonlStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.records: dict[str, dict[str, Any]] = {}
-        if self.path.exists():
+        self.path.touch()  # a stage with no items still leaves its (empty) output for the next stage
+        if self.path.stat().st_size:
             good: list[str] = []
             for line in self.path.read_text(encoding="utf-8").splitlines():
                 try:

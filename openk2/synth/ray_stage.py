@@ -42,7 +42,7 @@ def run_shard(cfg: dict[str, Any], specs: dict[str, str], stage: str, k: int, n:
         def make() -> Any:
             kw: dict[str, Any] = {"cache_dir": config.out / "llm_cache" if cache else None}
             if spec.startswith(("http://", "https://")):
-                kw.update(model=model, max_concurrency=config.concurrency)
+                kw.update(model=model, max_concurrency=config.concurrency, timeout=900.0)
             return make_client(spec, **kw)
         return made.setdefault(spec, make)
 
