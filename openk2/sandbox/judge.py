@@ -230,6 +230,6 @@ def _report(cases: list[TestCase], run: RunResult) -> TestReport:
 
 
 def run_tests_sync(solution: str, tests: Sequence[str | TestCase], **kw) -> TestReport:
-    from openk2.sandbox.pool import run_coroutine
+    from openk2.utils.aio import run_coroutine
 
     return run_coroutine(run_tests(solution, tests, **kw))

@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from openk2.utils.aio import run_coroutine
 from openk2.sandbox.types import (
     ERROR,
     KILLED,
@@ -456,8 +457,6 @@ class LocalBackend:
 
     def run_blocking(self, req: RunRequest, limits: Limits) -> RunResult:
         """A run without an event loop (used by the availability probe)."""
-        from openk2.sandbox.pool import run_coroutine
-
         return run_coroutine(self.run(req, limits))
 
     # ------------------------------------------------------------------------------------------- classify

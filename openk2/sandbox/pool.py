@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Iterable, Sequence
 
 from openk2.sandbox.types import Limits, RunRequest, RunResult, SandboxError
+from openk2.utils.aio import run_coroutine
 
 UNSAFE_ENV = "OPENK2_SANDBOX_ALLOW_UNSAFE"
 LOCAL_ORDER = ("namespaces", "bwrap")  # "auto" takes the first that works; "rlimit" only when opted in
@@ -177,13 +178,3 @@ class Sandbox:
         return run_coroutine(self.map(requests, progress=progress))
 
 
-def run_coroutine(coro):
-    """Run a coroutine to completion from sync code (in a helper thread when a loop is already running)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as ex:
-        return ex.submit(asyncio.run, coro).result()
