@@ -84,3 +84,52 @@ def test_unsupported_architecture_is_named():
     cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     with pytest.raises(OpenK2Error, match="gpt2"):
         LlamaRunner(transformers.GPT2LMHeadModel(cfg), "fp32")
+
+
+def test_int8_head_reproduces_a_per_row_8bit_grid():
+    from openk2.serve.llama import Linear, _quantize_int8
+
+    torch.manual_seed(0)
+    out, inp = 48, 64
+    scale = torch.rand(out) * 0.01 + 0.001
+    q = torch.randint(-127, 128, (out, inp))
+    q[:, 0] = 127  # each row's largest magnitude sits on the grid's end
+    w = q * scale[:, None]
+    qq, s = _quantize_int8(w)
+    # scale comes back up to its bf16 rounding (2^-9 relative), so every weight does too
+    assert ((qq.float() * s.float()[:, None] - w).abs() <= 4e-3 * w.abs().amax(1, keepdim=True)).all()
+    x = torch.randn(3, inp).to(torch.bfloat16)
+    ref = x.float() @ w.t()
+    got = Linear(w, None, "int8")(x).float()
+    assert ((got - ref).norm() / ref.norm()).item() < 0.02
+
+
+def test_int8_head_only_for_a_head_stored_in_8_bits_and_used_up_to_its_row_limit():
+    from openk2.serve.llama import Linear
+
+    m = _tiny("llama")
+    assert LlamaRunner(m, "int4").lm_head_int8 is None  # a head stored in 16 bits stays dense
+    assert LlamaRunner(m, "bf16", head_bits=8).lm_head_int8 is None  # dense layers: the head stays dense too
+    r = LlamaRunner(m, "int4", head_bits=8)
+    head = m.lm_head.weight.detach()
+    r.lm_head_int8, r.head_int8_max_rows = Linear(head, None, "int8"), 1  # whatever this CPU measured
+    ids = torch.randint(0, 256, (2, 12))
+    dense = LlamaRunner(m, "int4")
+    for B in (1, 2):
+        got = r.forward(ids[:B], r.new_cache(B, 16).view(slice(0, B), 12))
+        ref = dense.forward(ids[:B], dense.new_cache(B, 16).view(slice(0, B), 12))
+        diff = ((got - ref).norm() / ref.norm()).item()
+        if B == 1:  # the int8 head: close to the bf16 one, not the same numbers
+            assert 0 < diff < 0.02, diff
+        else:  # over the limit: the dense head, exactly
+            assert diff == 0, diff
+
+
+def test_smollm2_gguf_stores_layers_in_4_bits_and_the_head_in_8():
+    from openk2.serve import backends
+
+    try:
+        path = backends.smollm2_path() / backends.SMOLLM2_FILE
+    except Exception as e:
+        pytest.skip(f"SmolLM2 not installed: {e}")
+    assert backends._gguf_bits(path) == (4, 8)

@@ -51,10 +51,11 @@ class K2Backend:
 class LlamaBackend:
     """A Llama-family transformers model run by openk2's own forward (:mod:`openk2.serve.llama`)."""
 
-    def __init__(self, hf_model: Any, weights: str = "auto", source_bits: int | None = None) -> None:
+    def __init__(self, hf_model: Any, weights: str = "auto", source_bits: int | None = None,
+                 head_bits: int | None = None) -> None:
         from openk2.serve.llama import LlamaRunner
 
-        self.runner = LlamaRunner(hf_model, weights=weights, source_bits=source_bits)
+        self.runner = LlamaRunner(hf_model, weights=weights, source_bits=source_bits, head_bits=head_bits)
         self.max_context = self.runner.shape.max_position
         self.vocab_size = self.runner.shape.vocab
         self.weights = self.runner.weights
@@ -116,18 +117,22 @@ def smollm2_path() -> Path:
     return d
 
 
-def _gguf_bits(path: Path) -> int | None:
-    """4 or 8 when most of a GGUF file's matrices are stored in 4- or 8-bit blocks, else None."""
+def _gguf_bits(path: Path) -> tuple[int | None, int | None]:
+    """(bits of most of a GGUF file's matrices, bits of its LM head): 4 or 8 for 4- or 8-bit blocks,
+    None for 16 bits or more. The head is ``output.weight``, else the tied ``token_embd.weight``."""
     import gguf
 
     counts: dict[int, int] = {}
+    named: dict[str, int] = {}
     for t in gguf.GGUFReader(str(path)).tensors:
         if len(t.shape) == 2:
             name = t.tensor_type.name
             bits = 4 if name.startswith(("Q4", "IQ4")) else 8 if name.startswith("Q8") else 16
             counts[bits] = counts.get(bits, 0) + 1
+            named[t.name] = bits
     bits = max(counts, key=counts.get) if counts else 16
-    return bits if bits < 16 else None
+    head = named.get("output.weight", named.get("token_embd.weight", 16))
+    return (bits if bits < 16 else None), (head if head < 16 else None)
 
 
 def _weights_for(dtype: torch.dtype | None) -> str:
@@ -151,8 +156,8 @@ def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype |
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=torch.float32)
     stop = [i for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")} if isinstance(i, int) and i >= 0]
-    bits = _gguf_bits(Path(path) / gguf_file) if gguf_file else None
-    backend = LlamaBackend(model, weights=weights or _weights_for(dtype), source_bits=bits)
+    bits, head_bits = _gguf_bits(Path(path) / gguf_file) if gguf_file else (None, None)
+    backend = LlamaBackend(model, weights=weights or _weights_for(dtype), source_bits=bits, head_bits=head_bits)
     del model
     return ChatModel(name or Path(gguf_file or path).stem, backend, tok, "hf", sorted(stop),
                      time.perf_counter() - t0, template_name="the tokenizer's own", template_source="from the model")
