@@ -275,3 +275,81 @@ def test_soak_looping_clients_keep_memory_flat(cm):
     assert max(caps) == min(caps)  # no growth however long it runs
     assert engine.stats["generated_tokens"] == 12 * len(results) and engine.stats["errors"] == 0
     assert engine.stats["max_batch"] == 4
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_gets_its_first_token_first(cm):
+    """Waiting prompts share a step's prefill budget: shortest first, the oldest keeping a quarter."""
+    long_ids = cm.chat_prompt_ids([{"role": "user", "content": LONG * 2}])
+    short_ids = _ids(cm)[0]
+    s = Scheduler(cm, max_batch_size=4, prefill_chunk=16, prefix_cache_mb=0)
+    running = GenRequest(_ids(cm)[1], _params(max_tokens=60))
+    s.add(running)
+    s.step()
+    long = GenRequest(long_ids, _params(max_tokens=4))
+    s.add(long)
+    s.step(), s.step()
+    short = GenRequest(short_ids, _params(max_tokens=4))
+    s.add(short)
+    done_before = long._done_prefill
+    steps = 0
+    while not short.output_ids:
+        s.step()
+        steps += 1
+    # the short prompt took the budget the long one left (12 of 16 tokens a step), not the long prompt's ~30 steps
+    todo = len(short_ids) - short.cached_prompt_tokens
+    assert steps == -(-todo // 12) and not long.output_ids
+    # the long prompt kept its quarter every step and had the rest of the budget
+    assert long._done_prefill - done_before == 16 * steps - todo >= 4 * steps
+    assert len(long_ids) - long._done_prefill > 16 * 5  # still far from done: the short one did not wait for it
+    while s.busy:
+        s.step()
+    assert short.first_token_at < long.first_token_at
+    for r, ids in ((running, _ids(cm)[1]), (long, long_ids), (short, short_ids)):
+        assert r.output_ids == _alone(cm, ids, max_tokens=len(r.output_ids)).output_ids
+
+
+def test_identical_prompts_waiting_together_are_prefilled_once_even_with_free_staging_rows(cm):
+    ids = cm.chat_prompt_ids([{"role": "user", "content": LONG}])
+    other = _ids(cm)[2]
+    reqs = [GenRequest(ids, _params(max_tokens=3)), GenRequest(other, _params(max_tokens=3)),
+            GenRequest(ids, _params(max_tokens=3))]
+    s = _run(cm, reqs, max_batch_size=4, prefix_cache_mb=0)
+    assert s.stats["prefill_tokens"] == len(ids) + len(other)
+    assert reqs[2].cached_prompt_tokens == len(ids)
+
+
+class _FaultyRow:
+    """The model, except that a decode forward whose rows include ``victim``'s row raises (an injected
+    fault: the row's KV or the request's state gone bad)."""
+
+    def __init__(self, backend, sched, victim):
+        self.backend, self.sched, self.victim = backend, sched, victim
+        self.max_context, self.vocab_size = backend.max_context, backend.vocab_size
+        self.calls = []
+
+    def forward(self, ids, view):
+        rows = range(view.rows.start, view.rows.stop)
+        self.calls.append(len(rows))
+        if ids.shape[1] == 1 and self.victim in self.sched.decoding and self.sched.decoding.index(self.victim) in rows:
+            raise RuntimeError("injected fault")
+        return self.backend.forward(ids, view)
+
+
+def test_a_failing_decode_row_fails_only_its_request(cm):
+    ids = _ids(cm)
+    s = Scheduler(cm, max_batch_size=4)
+    reqs = [GenRequest(i, _params(max_tokens=8)) for i in ids]
+    victim = reqs[2]
+    for r in reqs:
+        s.add(r)
+    s.step()  # all four prefilled and decoding
+    had = len(victim.output_ids)
+    s.backend = faulty = _FaultyRow(s.backend, s, victim)
+    while s.busy:
+        s.step()
+    assert victim.finish_reason == "error" and "injected fault" in victim.error and len(victim.output_ids) == had
+    assert s.stats["errors"] == 1
+    assert faulty.calls[:5] == [4, 1, 1, 1, 1]  # the batch failed, then each row alone
+    for r, i in zip(reqs, ids):
+        if r is not victim:  # the others never noticed
+            assert r.finish_reason == "length" and r.output_ids == _alone(cm, i, max_tokens=8).output_ids

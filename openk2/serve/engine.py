@@ -7,7 +7,11 @@ prefilled). Each :meth:`Scheduler.step`:
 1. prefills up to ``prefill_chunk`` prompt tokens (a long prompt takes several steps, so
    running streams never freeze for a whole prompt), starting from the longest cached
    prefix of the prompt when one exists (a prompt another request is decoding from, or
-   one kept in the prefix store), and computes logits for the last position only;
+   one kept in the prefix store), and computes logits for the last position only.
+   Up to ``max_prefills`` prompts are prefilled at once, each in its own staging row, and
+   share the step's budget shortest-remaining first (the one that has waited longest keeps
+   at least a quarter), so a short prompt that arrives during a long prompt's prefill gets
+   its first token within a step or two instead of after the whole long prompt;
    a finished prompt moves into a free decoding row, together with every queued request
    that has the same prompt (``n > 1``, RL's K samples of one prompt): one prefill;
 2. decodes one token for every running row in one forward pass; a row whose request
@@ -15,7 +19,9 @@ prefilled). Each :meth:`Scheduler.step`:
    cancelled client, an error) leaves at once and its memory goes to the next request.
 
 Requests are isolated: bad parameters are rejected before they enter (:func:`prepare`),
-and anything that fails while one request is sampled fails that request alone.
+anything that fails while one request is sampled fails that request alone, and when a
+decode forward over several rows fails, the rows are retried one at a time so that only
+the request whose row fails again is failed.
 
 :class:`Engine` runs the scheduler on a background thread for the HTTP server;
 :func:`generate_batch` runs it to the end in the caller's thread (pipelines, RL rollouts).
@@ -89,6 +95,8 @@ class GenRequest:
     _prepared: bool = False
     _pending: int | None = None  # the last sampled token, fed at the next decode step
     _done_prefill: int = 0
+    _row: int = -1  # the staging row while the prompt is prefilled
+    _ids_np: Any = None  # prompt_ids as an int64 array (prefix matching), made once when the prefill starts
     _text_from: int = 0  # incremental detokenisation: output_ids[_text_from:_text_read] decode to the text's tail
     _text_read: int = 0
 
@@ -205,16 +213,18 @@ class Scheduler:
     """The decoding state: running rows, the prompt being prefilled, the waiting queue."""
 
     def __init__(self, chat_model: Any, max_batch_size: int = 16, prefill_chunk: int | None = None,
-                 prefix_cache_mb: float = 256.0) -> None:
+                 prefix_cache_mb: float = 256.0, max_prefills: int = 4) -> None:
         self.chat_model = chat_model
         self.backend = chat_model.backend
         self.stop_ids = set(chat_model.stop_ids)
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk or getattr(self.backend, "prefill_chunk", 256)
-        self.cache = self.backend.new_cache(max_batch_size + 1, 256)
-        self.staging = max_batch_size  # the row where prompts are prefilled
+        self.max_prefills = max(1, min(max_prefills, max_batch_size))
+        self.cache = self.backend.new_cache(max_batch_size + self.max_prefills, 256)
+        # the rows where prompts are prefilled, after the decoding rows
+        self.free_staging: list[int] = list(range(max_batch_size + self.max_prefills - 1, max_batch_size - 1, -1))
         self.decoding: list[GenRequest] = []  # row i holds decoding[i]
-        self.prefilling: GenRequest | None = None
+        self.prefilling: list[GenRequest] = []  # in arrival order; each in its staging row (req._row)
         self.waiting: deque[GenRequest] = deque()
         self.prefix_store = PrefixStore(int(prefix_cache_mb * 2**20))
         self.stats = {"requests": 0, "generated_tokens": 0, "prefill_tokens": 0, "prefix_reused_tokens": 0,
@@ -233,11 +243,11 @@ class Scheduler:
 
     @property
     def busy(self) -> bool:
-        return bool(self.decoding or self.prefilling is not None or self.waiting)
+        return bool(self.decoding or self.prefilling or self.waiting)
 
     @property
     def running(self) -> int:
-        return len(self.decoding) + (self.prefilling is not None)
+        return len(self.decoding) + len(self.prefilling)
 
     # ------------------------------------------------------------ one step
     def step(self) -> None:
@@ -252,67 +262,104 @@ class Scheduler:
             for r in [r for r in self.waiting if r.cancelled]:
                 _finish(r, "cancelled")
             self.waiting = deque(r for r in self.waiting if not r.cancelled)
-        if self.prefilling is not None and self.prefilling.cancelled:
-            _finish(self.prefilling, "cancelled")
-            self.prefilling = None
+        for r in [r for r in self.prefilling if r.cancelled]:
+            self._end_prefill(r)
+            _finish(r, "cancelled")
+
+    def _end_prefill(self, r: GenRequest) -> None:
+        """``r`` leaves the prefilling set; its staging row is free again."""
+        self.prefilling.remove(r)
+        self.cache.reset_row(r._row)
+        self.free_staging.append(r._row)
+        r._row = -1
+
+    def _fill_staging(self) -> None:
+        """Start waiting prompts in free staging rows, while they will find a decoding row.
+
+        A prompt equal to one being prefilled waits for it (it joins that prefill's group)."""
+        skipped: list[GenRequest] = []
+        while (self.waiting and self.free_staging
+               and len(self.decoding) + len(self.prefilling) < self.max_batch_size):
+            r = self.waiting.popleft()
+            if any(p.prompt_ids == r.prompt_ids for p in self.prefilling):
+                skipped.append(r)
+                continue
+            self._start(r, self.free_staging.pop())
+        self.waiting.extendleft(reversed(skipped))
+
+    def _shares(self, budget: int) -> list[tuple[GenRequest, int]]:
+        """How the step's prefill budget is split: shortest remaining prompt first, except that the
+        prompt prefilling longest keeps at least a quarter of the budget (a stream of short prompts
+        cannot starve a long one)."""
+        left = {id(r): len(r.prompt_ids) - r._done_prefill for r in self.prefilling}
+        give: dict[int, int] = {}
+        oldest = self.prefilling[0]
+        if len(self.prefilling) > 1:
+            give[id(oldest)] = min(left[id(oldest)], max(1, budget // 4))
+            budget -= give[id(oldest)]
+        for r in sorted(self.prefilling, key=lambda r: left[id(r)]):
+            more = min(left[id(r)] - give.get(id(r), 0), budget)
+            if more > 0:
+                give[id(r)] = give.get(id(r), 0) + more
+                budget -= more
+        return [(r, give[id(r)]) for r in list(self.prefilling) if give.get(id(r), 0) > 0]
 
     def _prefill(self, budget: int) -> None:
         while budget > 0:
-            if self.prefilling is None:
-                if not self.waiting or len(self.decoding) >= self.max_batch_size:
-                    return
-                self._start(self.waiting.popleft())
-                continue
-            r = self.prefilling
-            todo = r.prompt_ids[r._done_prefill : r._done_prefill + budget]
-            try:
-                logits = self.backend.forward(torch.tensor([todo], dtype=torch.long), self.cache.view(self.staging, len(todo)))
-            except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, the rest go on
-                self.cache.reset_row(self.staging)
-                self.prefilling = None
-                self.stats["errors"] += 1
-                _finish(r, "error", f"prefill failed: {type(e).__name__}: {e}")
-                continue
-            self.stats["prefill_tokens"] += len(todo)
-            r._done_prefill += len(todo)
-            budget -= len(todo)
-            if r._done_prefill == len(r.prompt_ids):
-                self._admit(r, logits[0])
+            self._fill_staging()
+            if not self.prefilling:
+                return
+            shares = self._shares(budget)
+            for r, n in shares:
+                todo = r.prompt_ids[r._done_prefill : r._done_prefill + n]
+                budget -= len(todo)
+                try:
+                    logits = self.backend.forward(torch.tensor([todo], dtype=torch.long), self.cache.view(r._row, len(todo)))
+                except Exception as e:  # e.g. out of memory on a huge prompt: this request fails, the rest go on
+                    self._end_prefill(r)
+                    self.stats["errors"] += 1
+                    _finish(r, "error", f"prefill failed: {type(e).__name__}: {e}")
+                    continue
+                self.stats["prefill_tokens"] += len(todo)
+                r._done_prefill += len(todo)
+                if r._done_prefill == len(r.prompt_ids):
+                    self._admit(r, logits[0])
 
-    def _start(self, r: GenRequest) -> None:
-        """Put a waiting request in the staging row, reusing the longest cached prefix of its prompt."""
-        ids = np.asarray(r.prompt_ids, dtype=np.int64)
+    def _start(self, r: GenRequest, row: int) -> None:
+        """Put a waiting request in staging row ``row``, reusing the longest cached prefix of its prompt."""
+        ids = r._ids_np = np.asarray(r.prompt_ids, dtype=np.int64)
         limit = len(ids) - 1  # at least one prompt token is computed: its logits start the output
         best_n, src = 0, None
-        for row, other in enumerate(self.decoding):
-            n = _common_prefix(np.asarray(other.prompt_ids, dtype=np.int64), ids)
+        for i, other in enumerate(self.decoding):
+            n = _common_prefix(other._ids_np, ids)
             if n > best_n:
-                best_n, src = n, row
+                best_n, src = n, i
         stored_n, features = self.prefix_store.best(ids)
-        self.cache.reset_row(self.staging)
+        self.cache.reset_row(row)
         n = 0
         if max(best_n, stored_n) >= self.prefix_store.min_tokens:
             if best_n >= stored_n:
                 n = min(best_n, limit)
-                self.cache.copy_prefix(src, self.staging, n)
+                self.cache.copy_prefix(src, row, n)
             else:
                 n = min(stored_n, limit)
-                self.cache.store({k: t[:, :n] for k, t in features.items()}, self.staging)
+                self.cache.store({k: t[:, :n] for k, t in features.items()}, row)
         r._done_prefill = n
         r.cached_prompt_tokens = n
         self.stats["prefix_reused_tokens"] += n
-        self.prefilling = r
+        r._row = row
+        self.prefilling.append(r)
 
     def _admit(self, r: GenRequest, logits: torch.Tensor) -> None:
         """A prompt is prefilled: it and every waiting request with the same prompt start decoding."""
-        self.prefilling = None
+        staging = r._row
         n = len(r.prompt_ids)
         if self.prefix_store.wants(r.prompt_ids, n * self.cache.bytes_per_token()):
-            self.prefix_store.put(r.prompt_ids, self.cache.snapshot(self.staging, n))
+            self.prefix_store.put(r.prompt_ids, self.cache.snapshot(staging, n))
         group = [r]
         if self.waiting:
             same = [w for w in self.waiting if w.prompt_ids == r.prompt_ids]
-            room = self.max_batch_size - len(self.decoding) - 1
+            room = self.max_batch_size - len(self.decoding) - len(self.prefilling)
             for w in same[:room]:
                 w.cached_prompt_tokens = n
                 self.stats["prefix_reused_tokens"] += n
@@ -322,9 +369,10 @@ class Scheduler:
                 self.waiting = deque(w for w in self.waiting if id(w) not in ids)
         for g in group:
             row = len(self.decoding)
-            self.cache.copy_prefix(self.staging, row, n)
+            self.cache.copy_prefix(staging, row, n)
+            g._ids_np = r._ids_np
             self.decoding.append(g)
-        self.cache.reset_row(self.staging)
+        self._end_prefill(r)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(self.decoding))
         finished = [len(self.decoding) - len(group) + i for i, g in enumerate(group) if self._sample(g, logits)]
         self._retire(finished)
@@ -333,17 +381,44 @@ class Scheduler:
         rows = self.decoding
         B = len(rows)
         ids = torch.tensor([[r._pending] for r in rows], dtype=torch.long)
+        errors: dict[int, Exception] = {}
         try:
             logits = self.backend.forward(ids, self.cache.view(slice(0, B), 1))
-        except Exception as e:  # one forward serves every row: they fail together, the engine goes on
-            for i, r in enumerate(rows):
-                self.cache.reset_row(i)
+        except Exception as e:
+            # one forward serves every row: find the row(s) that fail on their own (a request's bad
+            # state, a poisoned row of the cache) and fail only those; the others go on with this step
+            logits, errors = None, {0: e}
+            if B > 1:
+                logits, errors = self._decode_singly(ids)
+        # greedy rows without a constraint or banned ids: one argmax over the batch, not one per row
+        plain = [r._constraint is None and not r.params.banned_ids and r.params.temperature <= 0 for r in rows]
+        greedy = logits.argmax(-1).tolist() if logits is not None and sum(plain) > 1 else None
+        finished = []
+        for i, r in enumerate(rows):
+            if i in errors:
+                self.stats["errors"] += 1
+                e = errors[i]
                 _finish(r, "error", f"decode failed: {type(e).__name__}: {e}")
-            self.stats["errors"] += B
-            self.decoding = []
-            return
-        finished = [i for i, r in enumerate(rows) if self._sample(r, logits[i])]
+                finished.append(i)
+            elif self._sample(r, logits[i], greedy[i] if greedy is not None and plain[i] else None):
+                finished.append(i)
         self._retire(finished)
+
+    def _decode_singly(self, ids: torch.Tensor) -> tuple[torch.Tensor | None, dict[int, Exception]]:
+        """Decode each row alone (after a batched forward failed): logits [B, V] (a failed row's are
+        zeros) and the exception of each row that failed."""
+        out: list[torch.Tensor | None] = []
+        errors: dict[int, Exception] = {}
+        for i in range(ids.shape[0]):
+            try:
+                out.append(self.backend.forward(ids[i : i + 1], self.cache.view(i, 1))[0])
+            except Exception as e:
+                errors[i] = e
+                out.append(None)
+        good = next((t for t in out if t is not None), None)
+        if good is None:
+            return None, errors
+        return torch.stack([t if t is not None else torch.zeros_like(good) for t in out]), errors
 
     def _retire(self, finished: list[int]) -> None:
         """Free the rows of finished requests, keeping the running rows at the front of the cache."""
@@ -358,25 +433,28 @@ class Scheduler:
             self.cache.trim()
 
     # ------------------------------------------------------------ sampling
-    def _sample(self, r: GenRequest, logits: torch.Tensor) -> bool:
-        """Sample the next token of ``r``; True when the request is finished (its row can go)."""
+    def _sample(self, r: GenRequest, logits: torch.Tensor, greedy: int | None = None) -> bool:
+        """Sample the next token of ``r`` (``greedy``: its argmax, already taken for the batch); True when
+        the request is finished (its row can go)."""
         if r.cancelled:
             _finish(r, "cancelled")
             return True
         try:
-            return self._sample_token(r, logits)
+            return self._sample_token(r, logits, greedy)
         except Exception as e:  # a constraint or a callback that fails fails its own request only
             self.stats["errors"] += 1
             _finish(r, "error", f"{type(e).__name__}: {e}")
             return True
 
-    def _sample_token(self, r: GenRequest, logits: torch.Tensor) -> bool:
+    def _sample_token(self, r: GenRequest, logits: torch.Tensor, greedy: int | None = None) -> bool:
         p = r.params
         raw = logits
         if p.banned_ids:
             logits = logits.index_fill(0, torch.tensor(list(p.banned_ids), dtype=torch.long), float("-inf"))
         remaining = p.max_tokens - len(r.output_ids)
-        if r._constraint is not None:
+        if greedy is not None:
+            tok = greedy
+        elif r._constraint is not None:
             # the token budget lets the value close within max_tokens
             tok = r._constraint.choose(logits, p.temperature, p.top_p, r._generator, remaining=remaining)
             r._constraint.accept(tok)
@@ -427,11 +505,12 @@ class Scheduler:
             r._text_from, r._text_read = r._text_read, len(ids)
 
     def fail_all(self, message: str) -> None:
-        for r in list(self.decoding) + ([self.prefilling] if self.prefilling else []) + list(self.waiting):
+        for r in list(self.decoding) + list(self.prefilling) + list(self.waiting):
             _finish(r, "error", message)
         for i in range(self.cache.rows):
             self.cache.reset_row(i)
-        self.decoding, self.prefilling, self.waiting = [], None, deque()
+        self.decoding, self.prefilling, self.waiting = [], [], deque()
+        self.free_staging = list(range(self.cache.rows - 1, self.max_batch_size - 1, -1))
 
 
 def _cut_stop_string(req: GenRequest) -> bool:
