@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
@@ -20,10 +19,13 @@ sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "serve"))
 from serve_helpers import (  # noqa: E402
     HELLO_A,
     HELLO_Q,
+    SERVED_NAME,
     WEATHER_Q,
     WEATHER_RESULT,
     WEATHER_TOOL,
     LoopbackServer,
+    chat_model,  # noqa: F401  (fixture)
+    oai,  # noqa: F401  (fixture)
     tiny_tool_model,
 )
 
@@ -31,17 +33,7 @@ from openk2.serve.backends import load_chat_model  # noqa: E402
 from openk2.llm import OpenAICompatClient  # noqa: E402
 from openk2.serve.server import ServerLimits, create_app  # noqa: E402
 
-NAME = "k2-test"
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matmuls: one thread, immune to a busy machine
-    cm = load_chat_model(tiny_tool_model())
-    cm.name = NAME
-    yield cm
-    torch.set_num_threads(threads)
+NAME = SERVED_NAME
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +43,6 @@ def server(chat_model):
     with LoopbackServer(app) as srv:
         srv.app = app
         yield srv
-
-
-@pytest.fixture
-def oai(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 def test_models(oai):

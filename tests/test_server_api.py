@@ -21,25 +21,25 @@ import httpx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "serve"))
 
-from serve_helpers import HELLO_A, HELLO_Q, WEATHER_Q, WEATHER_TOOL, LoopbackServer, tiny_tool_model  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    HELLO_A,
+    HELLO_Q,
+    SERVED_NAME,
+    WEATHER_Q,
+    WEATHER_TOOL,
+    LoopbackServer,
+    chat_model,  # noqa: F401  (fixture)
+    oai,  # noqa: F401  (fixture)
+    tiny_tool_model,
+)
 
 from openk2.serve.backends import load_chat_model  # noqa: E402
 from openk2.serve.engine import SamplingParams  # noqa: E402
 from openk2.serve.server import ServerLimits, create_app  # noqa: E402
 
-NAME = "k2-test"
+NAME = SERVED_NAME
 CONTEXT = 1024  # the tiny model's max_position_embeddings
 TWO_PLUS_TWO = "<|im_user|>user<|im_middle|>What is 2 + 2?<|im_end|><|im_assistant|>assistant<|im_middle|>"
-
-
-@pytest.fixture(scope="module")
-def chat_model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cm = load_chat_model(tiny_tool_model())
-    cm.name = NAME
-    yield cm
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +48,6 @@ def server(chat_model):
     with LoopbackServer(app) as srv:
         srv.app = app
         yield srv
-
-
-@pytest.fixture
-def oai(server):
-    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
-        yield c
 
 
 class _Slow:

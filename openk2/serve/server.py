@@ -668,6 +668,62 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
         """What of ``text`` may be streamed now: not what may start a stop string or be half a character."""
         return text if done else text[: max(sent, len(text) - holdback)].rstrip("\ufffd")
 
+    def streaming_response(lines: AsyncIterator[str]) -> Any:
+        return StreamingResponse(lines, media_type="text/event-stream", headers={"cache-control": "no-cache"})
+
+    async def stream_choices(rid: str, reqs: list[GenRequest], events: asyncio.Queue, legacy: bool,
+                             content: Callable[[int, str, Any], str],
+                             streamable: Callable[[int, GenRequest, int, bool], str],
+                             finish: Callable[[int, GenRequest, int, Any], list[str]],
+                             head: list[str], tail: Callable[[], list[str]]) -> AsyncIterator[str]:
+        """The SSE lines of n streamed choices (both endpoints): ``head``; for each choice, as its
+        tokens arrive, ``content(i, new_text, logprobs)`` with what ``streamable(i, req, sent, done)``
+        allows; at its end ``finish(i, req, sent, rest_of_logprobs)``; then ``tail()`` and ``[DONE]``.
+        Tokens already queued when the loop gets to them go out in one chunk per choice. A failed
+        choice ends the stream with its error event; the requests are cancelled when the stream
+        closes (the client went away)."""
+        n = len(reqs)
+        sent, ntok, left = [0] * n, [0] * n, n
+        cursors = [_LogprobCursor(pieces, r, legacy) if r.params.logprobs else None for r in reqs]
+
+        def take(i: int, upto: int | None = None) -> Any:
+            return cursors[i].take(upto) if cursors[i] is not None else None
+
+        try:
+            for line in head:
+                yield line
+            while left:
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                last = {i: k for k, (i, _) in enumerate(batch)}  # each choice's last event in this batch
+                for k, (i, tok) in enumerate(batch):
+                    req, done = reqs[i], tok is None
+                    if done and req.finish_reason == "error":
+                        for line in sse_error(generation_error(req)):
+                            yield line
+                        return
+                    ntok[i] += not done
+                    if not done and last[i] != k:  # a later token of this choice is queued: one chunk for both
+                        continue
+                    text = streamable(i, req, sent[i], done)
+                    if len(text) > sent[i]:
+                        yield content(i, text[sent[i]:], take(i, ntok[i]))
+                        sent[i] = len(text)
+                    if done:
+                        left -= 1
+                        for line in finish(i, req, sent[i], take(i)):
+                            yield line
+            for line in tail():
+                yield line
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # never a half-closed stream: an error event, then [DONE]
+            log.error("streaming %s failed", rid, exc_info=e)
+            for line in sse_error(_internal_error()):
+                yield line
+        finally:
+            cancel(reqs)
+
     # ------------------------------------------------------------------ routes
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -729,64 +785,37 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
 
         reqs, events, _ = await submit(ids, params, n, stream=True)
         holdback = max((len(s) for s in params.stop), default=1) - 1
+        in_tools = [bool(plan.prefix)] * n  # once the tool-call marker shows, the rest is the call, not content
 
         def chunk(i: int, delta: dict[str, Any], reason: str | None = None, logprobs: Any = None) -> str:
             return sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": chat_model.name,
                         "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]})
 
-        async def stream_chat() -> AsyncIterator[str]:
-            sent = [0] * n
-            in_tools = [bool(plan.prefix)] * n
-            ntok = [0] * n
-            cursors = [_LogprobCursor(pieces, r, legacy=False) if params.logprobs else None for r in reqs]
-            take = (lambda i, upto=None: cursors[i].take(upto) if cursors[i] is not None else None)
-            left = n
-            try:
-                for i in range(n):
-                    yield chunk(i, {"role": "assistant", "content": ""})
-                while left:
-                    i, tok = await events.get()
-                    req, done = reqs[i], tok is None
-                    if done and req.finish_reason == "error":
-                        for line in sse_error(generation_error(req)):
-                            yield line
-                        return
-                    ntok[i] += not done
-                    text = req.text
-                    if not in_tools[i] and marker in text:
-                        in_tools[i] = True
-                        text = text[: text.index(marker)]
-                    elif in_tools[i]:
-                        text = text[: sent[i]]
-                    if not in_tools[i]:
-                        text = visible(text, sent[i], done, holdback)
-                    if len(text) > sent[i]:
-                        yield chunk(i, {"content": text[sent[i]:]}, logprobs=take(i, ntok[i]))
-                        sent[i] = len(text)
-                    if not done:
-                        continue
-                    left -= 1
-                    msg, reason = message_of(req)
-                    rest = take(i)
-                    if msg.get("tool_calls"):
-                        yield chunk(i, {"tool_calls": [{"index": j, **c} for j, c in enumerate(msg["tool_calls"])]}, logprobs=rest)
-                        rest = None
-                    elif msg["content"] and len(msg["content"]) > sent[i] and msg.get("openk2_parse_errors"):
-                        yield chunk(i, {"content": msg["content"][sent[i]:]}, logprobs=rest)
-                        rest = None
-                    yield chunk(i, {}, reason, logprobs=rest)
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": now,
-                               "model": chat_model.name, "choices": [], "usage": usage(reqs)})
-                yield "data: [DONE]\n\n"
-            except Exception as e:  # never a half-closed stream: an error event, then [DONE]
-                log.error("streaming %s failed", rid, exc_info=e)
-                for line in sse_error(_internal_error()):
-                    yield line
-            finally:
-                cancel(reqs)
+        def streamable(i: int, req: GenRequest, sent: int, done: bool) -> str:
+            text = req.text
+            if not in_tools[i] and marker in text:
+                in_tools[i] = True
+                return text[: text.index(marker)]
+            return text[:sent] if in_tools[i] else visible(text, sent, done, holdback)
 
-        return StreamingResponse(stream_chat(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        def finish(i: int, req: GenRequest, sent: int, rest: Any) -> list[str]:
+            msg, reason = message_of(req)
+            out = []
+            if msg.get("tool_calls"):
+                out.append(chunk(i, {"tool_calls": [{"index": j, **c} for j, c in enumerate(msg["tool_calls"])]}, logprobs=rest))
+                rest = None
+            elif msg["content"] and len(msg["content"]) > sent and msg.get("openk2_parse_errors"):
+                out.append(chunk(i, {"content": msg["content"][sent:]}, logprobs=rest))
+                rest = None
+            return out + [chunk(i, {}, reason, logprobs=rest)]
+
+        def tail() -> list[str]:  # once every choice is done
+            return [sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": chat_model.name,
+                         "choices": [], "usage": usage(reqs)})] if include_usage else []
+
+        return streaming_response(stream_choices(
+            rid, reqs, events, False, lambda i, text, lp: chunk(i, {"content": text}, logprobs=lp), streamable, finish,
+            head=[chunk(i, {"role": "assistant", "content": ""}) for i in range(n)], tail=tail))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -831,39 +860,14 @@ def create_app(chat_model: Any, *, limits: ServerLimits | None = None, api_key: 
             return sse({"id": rid, "object": "text_completion", "created": now, "model": chat_model.name,
                         "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason}]})
 
-        async def stream_text() -> AsyncIterator[str]:
-            sent, ntok, left = [0] * n, [0] * n, n
-            cursors = [_LogprobCursor(pieces, r, legacy=True) if params.logprobs else None for r in reqs]
-            take = (lambda i, upto=None: cursors[i].take(upto) if cursors[i] is not None else None)
-            try:
-                while left:
-                    i, tok = await events.get()
-                    req, done = reqs[i], tok is None
-                    if done and req.finish_reason == "error":
-                        for line in sse_error(generation_error(req)):
-                            yield line
-                        return
-                    ntok[i] += not done
-                    text = visible(req.text, sent[i], done, holdback)
-                    if len(text) > sent[i]:
-                        yield chunk(i, text[sent[i]:], logprobs=take(i, ntok[i]))
-                        sent[i] = len(text)
-                    if done:
-                        left -= 1
-                        rest = take(i)
-                        yield chunk(i, "", reason_of(req), logprobs=rest)
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": now, "model": chat_model.name,
-                               "choices": [], "usage": usage(reqs)})
-                yield "data: [DONE]\n\n"
-            except Exception as e:
-                log.error("streaming %s failed", rid, exc_info=e)
-                for line in sse_error(_internal_error()):
-                    yield line
-            finally:
-                cancel(reqs)
+        def tail() -> list[str]:
+            return [sse({"id": rid, "object": "text_completion", "created": now, "model": chat_model.name,
+                         "choices": [], "usage": usage(reqs)})] if include_usage else []
 
-        return StreamingResponse(stream_text(), media_type="text/event-stream", headers={"cache-control": "no-cache"})
+        return streaming_response(stream_choices(
+            rid, reqs, events, True, lambda i, text, lp: chunk(i, text, logprobs=lp),
+            lambda i, req, sent, done: visible(req.text, sent, done, holdback),
+            lambda i, req, sent, rest: [chunk(i, "", reason_of(req), logprobs=rest)], head=[], tail=tail))
 
     wrapped = _Guard(app, limits.max_body_bytes)
     wrapped.state = app.state  # tests and the CLI reach the engine through here
