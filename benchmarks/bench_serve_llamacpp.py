@@ -1,7 +1,8 @@
 """`openk2 serve smollm2` side by side with llama.cpp's llama-server on the same GGUF (issue 22).
 
     python benchmarks/bench_serve_llamacpp.py --llama-server /path/to/llama-server --out bench.json
-    python benchmarks/bench_serve_llamacpp.py --steady-minutes 10          # throughput drift, openk2 only
+    python benchmarks/bench_serve_llamacpp.py --steady --minutes 10 --plot docs/results/serve-steady-load.png
+                                                     # 16 looping clients, tokens/s per minute, openk2 only
     python benchmarks/bench_serve_llamacpp.py --ttft-long                  # a 4,000-token prompt mid-run
     python benchmarks/bench_serve_llamacpp.py --prefix 8                   # n=8 against 8 separate requests
 
@@ -641,6 +642,28 @@ def report(res: dict) -> None:
                       f"{fmt(b['tokens_per_s'], '.1f')} |")
 
 
+def plot_steady(res: dict, path: Path) -> Path:
+    """tokens/s per window of the steady-load run, with the +-10% band around the mean (a PNG)."""
+    from openk2.experiments.common import pyplot, save_fig
+
+    st = res["openk2"]["steady"]
+    rates, w = st["window_tokens_per_s"], st["window_s"]
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = [(i + 0.5) * w / 60 for i in range(len(rates))]
+    ax.plot(x, rates, marker="o", label="openk2 serve smollm2")
+    m = st["mean_tokens_per_s"] or 0
+    ax.axhspan(0.9 * m, 1.1 * m, color="tab:green", alpha=0.15, label="mean +-10%")
+    ax.set_xlabel("minutes")
+    ax.set_ylabel("output tokens/s")
+    ax.set_ylim(0, max(rates + [1]) * 1.25)
+    ax.set_title(f"{st['clients']} looping clients x {st['max_tokens']}-token requests, "
+                 f"{st['requests']} requests, {st['errors']} errors")
+    ax.legend(loc="lower right")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_fig(fig, path)
+
+
 # ----------------------------------------------------------------------------- main
 
 def main() -> None:
@@ -650,7 +673,10 @@ def main() -> None:
                     help="llama.cpp's llama-server binary (default: $LLAMA_SERVER); absent: that side is skipped")
     ap.add_argument("--compare", action="store_true", help="the concurrency sweep + in-process runs "
                     "(the default when no other mode is named)")
-    ap.add_argument("--steady-minutes", type=float, default=0, help="openk2 serve under 16 looping clients")
+    ap.add_argument("--steady-minutes", "--minutes", type=float, default=0,
+                    help="openk2 serve under --steady-clients looping clients for this many minutes")
+    ap.add_argument("--steady", action="store_true", help="the steady-load run (10 minutes unless --minutes)")
+    ap.add_argument("--plot", default=None, help="steady: write tokens/s over time as a PNG here")
     ap.add_argument("--ttft-long", action="store_true", help="TTFT and stall with a 4,000-token prompt mid-run")
     ap.add_argument("--prefix", type=int, default=0, metavar="K", help="n=K in one request vs K requests")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -674,7 +700,7 @@ def main() -> None:
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--steady-clients", type=int, default=16)
     ap.add_argument("--steady-max-tokens", type=int, default=96)
-    ap.add_argument("--window-s", type=float, default=30.0)
+    ap.add_argument("--window-s", type=float, default=60.0, help="steady: tokens/s per window of this many seconds")
     ap.add_argument("--ttft-clients", type=int, default=16)
     ap.add_argument("--long-tokens", type=int, default=4000)
     ap.add_argument("--long-max-tokens", type=int, default=16)
@@ -689,6 +715,8 @@ def main() -> None:
     args = ap.parse_args()
     if args._inproc:
         return inproc_main(args)
+    if args.steady and not args.steady_minutes:
+        args.steady_minutes = 10.0
     if not (args.steady_minutes or args.ttft_long or args.prefix):
         args.compare = True
 
@@ -748,6 +776,8 @@ def main() -> None:
                 res["inproc"] = {"error": f"{type(e).__name__}: {e}"}
     res["meta"]["load_avg_end"] = load_avg()
     report(res)
+    if args.plot and (res.get("openk2") or {}).get("steady"):
+        print(f"wrote {plot_steady(res, Path(args.plot))}")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
         print(f"\nwrote {args.out}")
