@@ -97,5 +97,11 @@ def load_base(spec: str, dtype: torch.dtype = torch.float32) -> Base:
         raise OpenK2Error("a transformers base model needs transformers: pip install 'openk2[hf]'") from e
     tok = AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, dtype=dtype)
+    if gguf_file and all(p.dtype.is_floating_point for p in model.parameters()):
+        # transformers dequantised the GGUF blocks into ordinary weights: train and save them as a plain model
+        # (its GGUF quantizer marker would make save_pretrained refuse)
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
     added = add_k2_tokens(tok, model)
     return Base(model, tok, "hf", path, str(spec), gguf_file, added)
