@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sandbox": ("openk2.sandbox.cli", "run untrusted code in an isolated, limited sandbox; serve the SandboxFusion API"),
     "rephrase": ("openk2.rephrase.cli", "rewrite documents in diverse styles, chunk by chunk, with fidelity checks (K2 §2)"),
     "synth": ("openk2.synth.cli", "agentic data synthesis (K2 §3.1): MCP + synthetic tools, agents, rubric tasks, trajectories, judge"),
+    "eval": ("openk2.eval.cli", "evaluate any model (checkpoint, smollm2, OpenAI URL) on HumanEval, math, BFCL, IFEval (K2 §4)"),
 }
 
 
