@@ -74,7 +74,7 @@ def main() -> int:
     ap.add_argument("--endpoint", default=None, help="an OpenAI-compatible endpoint (default: start openk2 serve smollm2)")
     ap.add_argument("--tasks", type=int, default=16, help="trajectories per concurrency level (one task per agent)")
     ap.add_argument("--categories", type=int, default=2)
-    ap.add_argument("--max-turns", type=int, default=1)
+    ap.add_argument("--max-turns", type=int, default=3, help="user turns (>= 2: the user ends the dialogue in its own turn)")
     ap.add_argument("--max-steps", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,4,16")
