@@ -116,6 +116,8 @@ def test_user_guards_against_the_known_simulator_failures():
     assert asyncio.run(turn([{"content": "x"}, {"content": STOP}], done)) == (None, "stop")
     # re-stating the opening request after the task was handled ends the dialogue
     assert asyncio.run(turn([{"content": "x"}, {"content": "close r1!"}], done)) == (None, "user_restarted")
+    # repeating the agent's reply (the user model playing the assistant) ends it as well
+    assert asyncio.run(turn([{"content": "x"}, {"content": "R1 is closed!"}], done)) == (None, "user_echoed_agent")
     # the user never sees tool traffic, and roles are swapped for the user model
     with ReplayServer([{"system": "role-playing a user", "reply": {"content": "ok"}}]) as srv:
         msgs = done[:2] + [{"role": "assistant", "content": None, "tool_calls": [{"id": "functions.close_record:0"}]},

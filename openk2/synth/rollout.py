@@ -5,7 +5,7 @@ The simulated user has a persona, a goal (the task's ``user_goal``) and a style;
 :data:`STOP`. Guards against the failure modes reported for tau2-bench's user simulator: a stop in the
 first message is refused; a stop in the same message that confirms an action is withheld until the agent
 has acted; a user that re-states its opening request after the task was handled ends the dialogue (it would
-make the agent act twice); the user never sees tool results or the agent's hidden reasoning; it is told not
+make the agent act twice), and one that repeats the agent's last reply (role confusion) ends it too; the user never sees tool results or the agent's hidden reasoning; it is told not
 to invent goals beyond its task.
 """
 
@@ -27,6 +27,7 @@ PERSONAS = (
 )
 STYLES = ("concise and direct", "friendly and chatty", "formal and precise", "impatient, writes short messages",
           "unsure, asks follow-up questions", "writes in plain, simple English")
+OPENING = "Write your first message to the assistant now: state your request as the user."
 _THINK = re.compile(r"<think>.*?</think>", re.S)
 _CONFIRM = re.compile(r"\b(yes|yeah|yep|sure|go ahead|please do|confirm(ed)?|do it|proceed|ok(ay)?)\b", re.I)
 
@@ -76,7 +77,7 @@ async def user_turn(client: LLMClient, task: dict[str, Any], persona: dict[str, 
     """(the user's next message or None, why): why is '' for a message, 'stop' for an explicit end, or a failure."""
     view = user_view(messages)
     if not view:
-        view = [{"role": "user", "content": "(The assistant is waiting for your first message.)"}]
+        view = [{"role": "user", "content": OPENING}]
     stats.add("llm.user.calls")
     try:
         resp = await client.achat([{"role": "system", "content": user_system_prompt(task, persona)}] + view,
@@ -85,6 +86,8 @@ async def user_turn(client: LLMClient, task: dict[str, Any], persona: dict[str, 
         stats.add("llm.user.request_error")
         raise
     text = _THINK.sub("", resp.content or "").strip()
+    if text.startswith(OPENING):  # a small model echoes the cue
+        text = text[len(OPENING):].strip()
     first = not any(m["role"] == "user" for m in messages)
     if STOP in text:
         rest = text.replace(STOP, "").strip()
@@ -105,6 +108,10 @@ async def user_turn(client: LLMClient, task: dict[str, Any], persona: dict[str, 
         if _norm(text) == _norm(opening):
             stats.add("user.restated_opening")
             return None, "user_restarted"
+        last_agent = next((m["content"] for m in reversed(messages) if m["role"] == "assistant" and m.get("content")), "")
+        if last_agent and _norm(text) == _norm(last_agent):
+            stats.add("user.echoed_agent")  # role confusion: the user model answers as the assistant
+            return None, "user_echoed_agent"
     return text, ""
 
 
