@@ -62,7 +62,8 @@ QUESTION = {"city": "Question: In which city was {name} born? Answer:",
 TEMPLATES = [
     "Born in {city} in {year}, {name} became a {profession} and was employed by {employer}.",
     "{employer} employed {name}, a {profession} who was born in {city} in the year {year}.",
-    "Q: Where was {name} born? A: In {city}, in {year}. Q: What did {name} do? A: {name} was a {profession} at {employer}.",
+    "Q: Where was {name} born? A: In {city}, in {year}. "
+    "Q: What did {name} do? A: {name} was a {profession} at {employer}.",
     "The {profession} {name} came from {city}, where {name} was born in {year}; later {name} worked for {employer}.",
     "In {year}, {name} was born in {city}. As an adult, {name} joined {employer} as a {profession}.",
     "- {name}\n- born: {year}, {city}\n- profession: {profession}\n- employer: {employer}",
@@ -157,7 +158,8 @@ def rephrase_people(s: Settings, people: list[dict], out_dir: Path, log) -> tupl
     docs = [SourceDoc(f"person-{i}", raw_bio(p), "text", "people") for i, p in enumerate(people)]
     summary_path = out_dir / "summary.json"
     done = summary_path.exists() and json.loads(summary_path.read_text()).get("rewrites") == len(docs) * s.rephrasings \
-        and (out_dir / "config.json").exists() and json.loads((out_dir / "config.json").read_text()).get("fingerprint") == cfg.fingerprint()
+        and (out_dir / "config.json").exists() \
+        and json.loads((out_dir / "config.json").read_text()).get("fingerprint") == cfg.fingerprint()
     if done:
         summary = json.loads(summary_path.read_text())
         log(f"rephrasings: cached in {out_dir} ({summary['kept']} kept of {summary['rewrites']})")
@@ -230,7 +232,8 @@ def build_arms(s: Settings, people: list[dict], heldout: list[dict], kept: dict[
         # copies in different orders: the corpus orders documents by a hash of their id, so each copy lands elsewhere
         lines = [{"id": _pick_id(domain, f"{i}~{c}", "train", vf, source), "text": t}
                  for c in range(s.doc_copies) for i, t in docs]
-        lines += [{"id": _pick_id(domain, f"h{j}", "val", vf, source), "text": raw_bio(p)} for j, p in enumerate(heldout)]
+        lines += [{"id": _pick_id(domain, f"h{j}", "val", vf, source), "text": raw_bio(p)}
+                  for j, p in enumerate(heldout)]
         path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
         files[domain] = [str(path.resolve())]
         info[arm] = {"train_docs": len(docs), "fallback_to_raw": fallback.get(arm, 0)}
@@ -238,7 +241,8 @@ def build_arms(s: Settings, people: list[dict], heldout: list[dict], kept: dict[
 
     # the content's hash in the name: new rephrasings make a new corpus fingerprint (shards rebuilt, runs retrained)
     content = hashlib.sha256(b"".join(Path(f[0]).read_bytes() for f in files.values())).hexdigest()[:12]
-    cfg = CorpusConfig(name=f"rephrase-experiment-{content}", shakespeare=False, bible=False, stdlib=False, math_problems={},
+    cfg = CorpusConfig(name=f"rephrase-experiment-{content}", shakespeare=False, bible=False, stdlib=False,
+                       math_problems={},
                        evals_excerpts=False, local_files=files, val_fraction=vf, seed=s.world_seed)
     return cfg.to_dict(), info
 
@@ -266,8 +270,6 @@ def prepare_corpus(s: Settings, runner: Runner, corpus: dict):
 # ------------------------------------------------------------------------------------------------ probes
 def probe(run: Run, people: list[dict]) -> dict:
     """Top-1 accuracy of ranking the true value among all values of each attribute, per prompt format."""
-    import torch
-
     from openk2.data.tokenizer import load_tokenizer
     from openk2.model.transformer import build_model
     from openk2.train.checkpoint import list_checkpoints, load_model_weights
@@ -360,18 +362,21 @@ def _report(s: Settings, runner: Runner, runs: dict[str, list[Run]], arm_info: d
         res_arms[arm] = {**arm_info[arm], "statement_acc": st, "question_acc": qu, "val_loss": vl,
                          "per_attribute": [r.config["analysis"] for r in rs]}
         rows.append([ARM_LABEL[arm], arm_info[arm]["train_docs"], arm_info[arm]["train_tokens"],
-                     f"{arm_info[arm]['epochs']:.1f}", fmt_pm([100 * x for x in st], 1), fmt_pm([100 * x for x in qu], 1),
+                     f"{arm_info[arm]['epochs']:.1f}", fmt_pm([100 * x for x in st], 1),
+                     fmt_pm([100 * x for x in qu], 1),
                      fmt_pm(vl, 3), arm_info[arm].get("fallback_to_raw", 0)])
     summ = gen["summary"]
     jt = gen["judge_vs_truth"]
     kept_n = gen["kept"]
     gen_line = (f"Rephrasings: {summ['rewrites']} asked ({s.entities} people x {s.rephrasings}) from {summ['model']} "
                 f"via `openk2.rephrase` (judge policy `{s.judge}`, {s.retries} retry); kept {summ['kept']} "
-                f"({100 * summ['kept'] / max(1, summ['rewrites']):.0f}% pass the model-free fidelity checks); dropped by "
+                f"({100 * summ['kept'] / max(1, summ['rewrites']):.0f}% pass the model-free fidelity checks); "
+                f"dropped by "
                 f"reason: {summ['dropped'] or 'none'}; failed tries: {summ['attempt_failures'] or 'none'}; "
                 f"{summ['requests']} requests, {summ['tokens_in']:,} tokens in, {summ['tokens_out']:,} out, "
                 f"{summ['seconds']:.0f} s (0 s when cached).")
-    truth = (f"Ground truth on the kept rewrites: {gen['kept_with_all_facts']} of {kept_n} state all four attributes and "
+    truth = (f"Ground truth on the kept rewrites: {gen['kept_with_all_facts']} of {kept_n} state all four "
+             f"attributes and "
              f"the full name verbatim. Judge verdict vs truth: 'faithful' on {jt['faithful'][0]} correct and "
              f"{jt['faithful'][1]} incorrect rewrites; not 'faithful' on {jt['other'][0]} correct and "
              f"{jt['other'][1]} incorrect ones.")
@@ -379,7 +384,8 @@ def _report(s: Settings, runner: Runner, runs: dict[str, list[Run]], arm_info: d
     qu = {a: mean_std(v["question_acc"])[0] for a, v in res_arms.items()}
     order = " > ".join(ARM_LABEL[a] for a in sorted(qu, key=lambda a: -qu[a]))
     body = [
-        f"Knowledge: {s.entities} fictional people x 4 attributes (deterministic from seed {s.world_seed}); probes rank the "
+        f"Knowledge: {s.entities} fictional people x 4 attributes (deterministic from seed {s.world_seed}); "
+        f"probes rank the "
         f"true value among 12 (chance {100 * chance:.1f}%). Every arm trains {s.preset} for {s.steps} steps x "
         f"{s.batch_size} x {s.seq_len} = {budget:,} tokens; {len(s.seeds)} seed(s).",
         "",

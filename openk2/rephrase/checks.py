@@ -36,7 +36,8 @@ _SENT_END = re.compile(r"[.!?:;\n]\s*$")
 _NOT_NAMES = set("""I A An The This That These Those It Its He She They We You His Her Their Our My Your There Here
 What When Where Which Who Whom Whose Why How If In On At By For From To Of And Or But As With Without After Before
 During Since Until While Although Because Q A Answer Question Problem Approach Steps Step Key Idea Working Note Notes
-Student Teacher Sure Yes No Not Also Then Thus So First Second Third Finally Today Once Part Original Rewrite""".split())
+Student Teacher Sure Yes No Not Also Then Thus So First Second Third Finally Today Once Part Original
+Rewrite""".split())
 
 
 def normalise_number(s: str) -> str:
@@ -131,7 +132,8 @@ class CheckConfig:
     check_entities: bool = True
 
 
-def check_rewrite(source: str, rewrite: str, cfg: CheckConfig, count_tokens=None, translated: bool = False) -> CheckResult:
+def check_rewrite(source: str, rewrite: str, cfg: CheckConfig, count_tokens=None,
+                  translated: bool = False) -> CheckResult:
     """Model-free fidelity of one rewritten chunk. `translated`: the rewrite is in another language (names and
     month words may be translated, so only numbers are compared and no near-copy test applies)."""
     reasons: list[str] = []

@@ -87,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
             {"max_batch_size": max(1, cfg.concurrency)}
         client = make_client(args.llm, model=args.model, cache_dir=cache, **kw)
         count = args.tokenizer or (None if not args.llm.startswith(("http://", "https://")) else "smollm2")
-        summary = Rephraser(client, cfg, args.out, count_tokens=count, domain=domain, progress=progress).run(docs, failures)
+        pipe = Rephraser(client, cfg, args.out, count_tokens=count, domain=domain, progress=progress)
+        summary = pipe.run(docs, failures)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2))
     else:

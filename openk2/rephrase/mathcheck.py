@@ -64,4 +64,6 @@ def answers_match(reference: str, candidate: str) -> tuple[bool, str]:
 
 def looks_like_math(text: str) -> bool:
     """A worked problem or math notes: an answer marker, LaTeX, or several equations."""
-    return bool(re.search(r"####|\\boxed|\\frac|\$[^$]+\$", text)) or len(re.findall(r"\d\s*[-+*/×÷=]\s*\d", text)) >= 2
+    if re.search(r"####|\\boxed|\\frac|\$[^$]+\$", text):
+        return True
+    return len(re.findall(r"\d\s*[-+*/×÷=]\s*\d", text)) >= 2

@@ -4,7 +4,8 @@
     from openk2.rephrase import Rephraser, RephraseConfig, read_inputs
 
     docs, failures = read_inputs(["wiki.jsonl"])
-    summary = Rephraser(make_client("http://127.0.0.1:8000"), RephraseConfig(rephrasings=2), "runs/rephrase/wiki").run(docs, failures)
+    pipe = Rephraser(make_client("http://127.0.0.1:8000"), RephraseConfig(rephrasings=2), "runs/rephrase/wiki")
+    summary = pipe.run(docs, failures)
 
 One *rewrite* is (document, rephrasing index k, style). A document is split
 into chunks under a token budget (:mod:`openk2.rephrase.chunking`); chunk i is
@@ -407,7 +408,8 @@ class _Rewrite:
 class Rephraser:
     """Rephrase documents into OUT_DIR (see the module docstring for the layout and the resume rule)."""
 
-    def __init__(self, client: LLMClient, config: RephraseConfig | None = None, out_dir: str | os.PathLike = "runs/rephrase",
+    def __init__(self, client: LLMClient, config: RephraseConfig | None = None,
+                 out_dir: str | os.PathLike = "runs/rephrase",
                  *, count_tokens: Callable[[str], int] | str | None = None, domain: str = "rephrased",
                  progress: bool = True, log: Callable[[str], None] | None = None) -> None:
         self.client = client

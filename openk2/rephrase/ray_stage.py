@@ -20,7 +20,6 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from openk2.errors import ConfigError
 from openk2.rephrase.pipeline import DROPPED, OUTPUT, SUMMARY, RephraseConfig, SourceDoc, Summary

@@ -32,7 +32,8 @@ KNOWLEDGE_STYLES: dict[str, Style] = {s.name: s for s in [
           "words, short sentences, each idea explained."),
     Style("qa", "knowledge", "Rewrite the text as a series of questions, each followed by its answer "
           "(\"Q: ...\" then \"A: ...\")."),
-    Style("lecture-notes", "knowledge", "Rewrite the text as a lecturer's notes: short bullet points, one fact per line."),
+    Style("lecture-notes", "knowledge",
+          "Rewrite the text as a lecturer's notes: short bullet points, one fact per line."),
     Style("narrative", "knowledge", "Retell the text as a short story told by a narrator, in the past tense."),
     Style("expert-summary", "knowledge", "Rewrite the text as a dense summary written by an expert for other experts."),
     Style("dialogue", "knowledge", "Rewrite the text as a conversation between a student and a teacher who "
