@@ -186,8 +186,16 @@ def test_rewrites_chunk_by_chunk_with_provenance_and_a_rerun_costs_nothing(fake,
     assert len(app.state.requests) == before and s2.requests == 0
     assert s2.chunks_done_before == s.chunks and s2.kept == 6
     assert read_output(tmp_path / "out") == recs
-    # raising the number of rephrasings adds only the new rewrites' requests... but a new config is new work:
-    # (units are keyed by the config), so here only the count check on the first two runs matters
+    # an edited prompt library makes the finished units stale: the rerun redoes every chunk
+    import openk2.rephrase.pipeline as pipeline_mod
+
+    real = pipeline_mod._prompt_library_digest
+    pipeline_mod._prompt_library_digest = lambda: real() + "-edited"
+    try:
+        s3, _ = run(srv, tmp_path / "out", docs, rephrasings=3)
+    finally:
+        pipeline_mod._prompt_library_digest = real
+    assert s3.requests == 2 * s.chunks and s3.chunks_done_before == 0
 
     # the output is a corpus domain the mixture can weight
     from openk2.data.corpus import collect

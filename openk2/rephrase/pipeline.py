@@ -47,6 +47,7 @@ from openk2.llm.base import LLMClient, LLMError, StructuredOutputError
 from openk2.rephrase.checks import CheckConfig, check_rewrite, detect_language
 from openk2.rephrase.chunking import Chunk, join_rewrites, split_document, tail_tokens
 from openk2.rephrase.mathcheck import answers_match, final_answer, looks_like_math
+from openk2.rephrase import styles as _styles
 from openk2.rephrase.styles import JUDGE_SCHEMA, Style, choose_styles, get_styles, judge_messages, rewrite_messages
 from openk2.utils.files import atomic_write
 from openk2.utils.progress import progress_bar
@@ -122,10 +123,19 @@ class RephraseConfig:
         return cls(**d)
 
     def fingerprint(self) -> str:
-        """What decides the text of a rewrite (concurrency does not)."""
+        """What decides the text of a rewrite (concurrency does not): the settings and the prompt library
+        (any edit of a style, the judge schema or the message builders in openk2/rephrase/styles.py makes
+        finished units stale, so a rerun redoes them)."""
         d = self.to_dict()
         d.pop("concurrency")
+        d["_prompts"] = _prompt_library_digest()
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prompt_library_digest() -> str:
+    """A digest of the prompt texts and builders (openk2/rephrase/styles.py as loaded)."""
+    with open(_styles.__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
 def _sha(*parts: Any) -> str:
