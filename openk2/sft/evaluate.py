@@ -8,8 +8,8 @@ so it measures what ``openk2 serve`` would answer. Per task:
 - ``called``: the answer opens a tool call;
 - ``parsed``: it holds a well-formed call (section / tags closed, id, JSON object arguments);
 - ``named``: the call names a declared tool;
-- ``valid``: its arguments validate against that tool's JSON schema (parsed + named + valid is the
-  issue's "parse and validate");
+- ``valid``: its arguments validate against that tool's JSON schema and the answer has no other
+  problem (no stray text, no second malformed call): the issue's "parse and validate";
 - ``exact``: name and arguments equal the gold call (JSON equality, numbers compared as numbers).
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import torch
 
-STRUCTURAL = {"truncated_section", "truncated_call", "bad_id", "invalid_json", "not_an_object"}
+STRUCTURAL = {"truncated_section", "truncated_call", "bad_id", "bad_call", "invalid_json", "not_an_object"}
 
 
 @dataclass
