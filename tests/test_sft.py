@@ -151,9 +151,9 @@ def test_qk_clip_statistic_only_counts_pairs_inside_a_conversation(tok, fmt):
         model(packed["input_ids"], position_ids=packed["position_ids"], document_ids=packed["document_ids"])
         s_packed = model.max_logits().clone()
         model.reset_max_logits()
-        for e in exs + [None]:
-            ids = torch.from_numpy(e.ids[:-1])[None] if e is not None else packed["input_ids"][:, sum(x.positions for x in exs):]
-            model(ids)  # each conversation alone, and the padding document alone
+        for e in exs:
+            model(torch.from_numpy(e.ids[:-1])[None])  # each conversation alone
+        model(packed["input_ids"][:, sum(x.positions for x in exs):])  # and the padding document alone
         s_alone = model.max_logits()
     assert torch.allclose(s_packed, s_alone, atol=1e-4, rtol=1e-4)
 

@@ -404,9 +404,9 @@ class SFTDataset:
 
     Sample i draws a source by weight (seeded per block of samples) and that source's next example of
     a per-epoch permutation. Samples are taken ``chunk`` at a time; a chunk becomes rows (packed
-    first-fit-decreasing, or one example per row) in a seeded random order; global batch b is rows [bB, (b+1)B) and rank r of W
-    takes its B/W rows. The state is the next row: a resumed run (on any number of ranks) continues
-    the same stream.
+    first-fit-decreasing, or one example per row) in a seeded random order; global batch b is rows
+    [bB, (b+1)B) and rank r of W takes its B/W rows. The state is the next row: a resumed run (on any
+    number of ranks) continues the same stream.
     """
 
     def __init__(self, examples: dict[str, list[Example]], weights: dict[str, float], seq_len: int,
@@ -491,6 +491,6 @@ def mixture_counts(examples: dict[str, list[Example]]) -> dict[str, dict[str, fl
             for s, v in examples.items()}
 
 
-__all__ = ["BFCL_CATEGORIES", "ChatFormat", "Conversation", "EncodeStats", "Example", "SFTDataset", "bfcl_conversations",
-           "bfcl_schema", "collate", "encode_all", "fixed_batches", "is_held_out", "load_jsonl", "load_source",
-           "math_conversations", "mixture_counts", "pack_first_fit", "split", "token_stats"]
+__all__ = ["BFCL_CATEGORIES", "ChatFormat", "Conversation", "EncodeStats", "Example", "SFTDataset",
+           "bfcl_conversations", "bfcl_schema", "collate", "encode_all", "fixed_batches", "is_held_out", "load_jsonl",
+           "load_source", "math_conversations", "mixture_counts", "pack_first_fit", "split", "token_stats"]

@@ -20,7 +20,8 @@ def write_report(run_dir: Path, cfg: Any, summary: dict, evals: dict) -> Path:
              + f", peak lr {cfg.lr:g}, {summary['steps']} steps x {cfg.batch_size} rows of {cfg.seq_len} positions "
                f"({'packed' if cfg.pack else 'unpacked'}), {summary['tokens']:,} assistant tokens trained on, "
                f"{summary['train_minutes']} min.", "",
-             "## Data", "", "| source | weight | conversations | train | held out | truncated (train) | dropped (train) |",
+             "## Data", "",
+             "| source | weight | conversations | train | held out | truncated (train) | dropped (train) |",
              "|---|---|---|---|---|---|---|"]
     for name, c in summary["data"].items():
         enc = summary["encoding"][name]["train"]
@@ -34,13 +35,15 @@ def write_report(run_dir: Path, cfg: Any, summary: dict, evals: dict) -> Path:
     for k in ("packed", "unpacked"):
         r = p[k]
         lines.append(f"| {k} | {r['positions']:,} | {r['real_tokens']:,} | {r['loss_tokens']:,} | "
-                     f"{_pct(r['padding_fraction'])} | {_pct(r['loss_fraction'])} | {p['positions_per_loss_token'][k]} |")
+                     f"{_pct(r['padding_fraction'])} | {_pct(r['loss_fraction'])} | "
+                     f"{p['positions_per_loss_token'][k]} |")
     lines += ["", "## Held-out assistant-token loss", "",
               f"base {summary['base_val_loss']:.4f} -> SFT {summary['val_loss']:.4f} nats/token "
               "(curve: plots/loss.png)", ""]
     if "sft" in evals:
         lines += ["## Tool calls on held-out single-call tasks (generated live, greedy, tool_choice=auto)", "",
-                  "| model | tasks | called | parsed | named a declared tool | parse + validate | exact name + arguments |",
+                  "| model | tasks | called | parsed | named a declared tool | parse + validate "
+                  "| exact name + arguments |",
                   "|---|---|---|---|---|---|---|"]
         for k in ("base", "sft"):
             if k in evals:
@@ -50,7 +53,8 @@ def write_report(run_dir: Path, cfg: Any, summary: dict, evals: dict) -> Path:
         lines += ["", "## Sample dialogues (SFT model)", ""]
         lines += [format_dialogue(s) for s in evals["sft"]["samples"]]
         if "base" in evals and evals["base"]["samples"]:
-            lines += ["## Sample dialogues (base model)", ""] + [format_dialogue(s) for s in evals["base"]["samples"][:2]]
+            lines += ["## Sample dialogues (base model)", ""]
+            lines += [format_dialogue(s) for s in evals["base"]["samples"][:2]]
     if summary.get("plots"):
         lines += ["", "![loss](plots/loss.png)", ""]
     path = run_dir / "report.md"

@@ -228,8 +228,9 @@ def sft(cfg: SFTConfig, resume: bool = True, log=print, stop_after: int | None =
     trainer.extra_state["base_val_loss"] = base_val  # kept in every checkpoint
     if is_main:
         n_train = sum(len(v) for v in data["train"].values())
-        log(f"base {cfg.base} ({base.kind}{', added ' + str(len(base.added_tokens)) + ' K2 tokens' if base.added_tokens else ''}"
-            f"), {sum(p.numel() for p in model.parameters()):,} parameters, loaded in {time.perf_counter() - t_load:.1f} s; "
+        added = f", added {len(base.added_tokens)} K2 tokens" if base.added_tokens else ""
+        log(f"base {cfg.base} ({base.kind}{added}), {sum(p.numel() for p in model.parameters()):,} parameters, "
+            f"loaded in {time.perf_counter() - t_load:.1f} s; "
             f"format {kind}; {n_train} training / {len(val_examples)} held-out conversations from "
             f"{', '.join(f'{k} (w={v:g})' for k, v in cfg.sources.items())}; optimizer {cfg.optimizer}"
             + (f" (QK-Clip tau={cfg.qk_clip_tau:g})" if cfg.optimizer == "muonclip" and cfg.qk_clip_tau else "")
