@@ -219,8 +219,6 @@ def run_suite(suite: Suite, client: Any, out: str | os.PathLike, *, model: str =
             write(rec)
 
         async def run_async() -> None:
-            nonlocal calls
-
             async def one(job):
                 nonlocal calls
                 it, s, kw, h = job

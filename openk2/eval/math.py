@@ -12,7 +12,7 @@ from typing import Any
 
 from openk2.eval.core import EvalError, Item, Suite
 
-INSTRUCTION = "{question}\n\nSolve the problem step by step, then give the final answer as \\boxed{{ANSWER}}."
+INSTRUCTION = "{question}\n\nSolve the problem step by step. Put the final answer inside \\boxed{{}}."
 GENERATORS = ("gsm_symbolic", "basic_arithmetic")
 
 
