@@ -155,6 +155,10 @@ def test_runner_writes_jsonl_resumes_with_zero_calls_and_uses_the_cache(tmp_path
         r2 = run_suite(s, make_model_client(srv.url, concurrency=4, cache_dir=str(tmp_path / "cache")), tmp_path,
                        model=client.model, limit=5, progress=False)
         assert len(srv.requests) == 10 and r2.model_calls == 0 and r2.resumed == 10 and r2.metrics == r.metrics
+        # a client factory (how the CLI passes an in-process model) is not even called when nothing is left
+        made = []
+        r2b = run_suite(s, lambda: made.append(1), tmp_path, model=client.model, limit=5, progress=False)
+        assert made == [] and r2b.model_calls == 0 and r2b.metrics == r.metrics
         # the results file lost (and a torn line): the reply cache answers, still no request
         (r.dir / "items.jsonl").write_text(json.dumps(lines[0]) + "\n{\"key\": \"torn")
         r3 = run_suite(s, make_model_client(srv.url, concurrency=4, cache_dir=str(tmp_path / "cache")), tmp_path,

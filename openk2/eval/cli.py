@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 from pathlib import Path
 
@@ -52,11 +53,19 @@ def main(args: argparse.Namespace) -> int:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
     suites = [get_suite(n, **({"size": max(200, args.limit or 0)} if n in ("math",) else {})) for n in names]
     out = Path(args.out)
-    client = make_model_client(args.model, concurrency=args.concurrency,
-                               cache_dir=None if args.no_cache else str(out / "cache"),
-                               served_model=args.served_model, api_key=args.api_key)
-    # an endpoint's results are filed under the model it serves (a restarted server on a new port resumes)
-    label = client.model if args.model.startswith(("http://", "https://")) else args.model
+    def make():
+        return make_model_client(args.model, concurrency=args.concurrency,
+                                 cache_dir=None if args.no_cache else str(out / "cache"),
+                                 served_model=args.served_model, api_key=args.api_key)
+
+    if args.model.startswith(("http://", "https://")):
+        client = make()
+        label = client.model  # filed under the model it serves (a restarted server on a new port resumes)
+    else:  # an in-process model loads only when some suite has work left
+        if args.model != "smollm2" and not os.path.exists(args.model):
+            raise EvalError(f"--model {args.model!r}: not a URL, not 'smollm2' and no such checkpoint directory")
+        label = args.model
+        client = functools.cache(make)
     results = []
     for s in suites:
         r = run_suite(s, client, out, model=label, limit=args.limit, concurrency=args.concurrency,

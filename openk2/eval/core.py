@@ -152,7 +152,10 @@ class SuiteResult:
 
 def run_suite(suite: Suite, client: Any, out: str | os.PathLike, *, model: str = "", limit: int | None = None,
               concurrency: int = 8, samples: int = 1, temperature: float = 0.0, progress: bool = True) -> SuiteResult:
-    """Evaluate `client` on `suite`; results under ``out/<suite>/<model tag>/``. Returns the summary."""
+    """Evaluate `client` on `suite`; results under ``out/<suite>/<model tag>/``. Returns the summary.
+
+    `client`: an LLMClient, or a zero-argument factory of one (called only when some record is missing, so a
+    finished run does not load an in-process model)."""
     if samples < 1:
         raise EvalError(f"--samples must be >= 1, got {samples}")
     if samples > 1 and temperature <= 0:
@@ -160,6 +163,9 @@ def run_suite(suite: Suite, client: Any, out: str | os.PathLike, *, model: str =
     if concurrency < 1:
         raise EvalError(f"--concurrency must be >= 1, got {concurrency}")
     t0 = time.perf_counter()
+    lazy = callable(client) and not hasattr(client, "achat")  # a factory: the model loads only if needed
+    if lazy and not model:
+        raise EvalError("run_suite: a client factory needs model= (the results directory's name)")
     rdir = Path(out) / suite.name / model_tag(model or getattr(client, "model", "") or "model")
     rdir.mkdir(parents=True, exist_ok=True)
     path = rdir / "items.jsonl"
@@ -249,6 +255,8 @@ def run_suite(suite: Suite, client: Any, out: str | os.PathLike, *, model: str =
                     await finish(it, s, kw, h, r)
 
         if todo:
+            if lazy:
+                client = client()
             batched = type(client).chat_many is not _base_chat_many()
             asyncio.run(run_batched() if batched else run_async())
     records = [done[record_key(it.id, s)] for it in items for s in range(samples) if record_key(it.id, s) in done]
