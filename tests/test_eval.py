@@ -150,7 +150,8 @@ def test_runner_writes_jsonl_resumes_with_zero_calls_and_uses_the_cache(tmp_path
         assert r.metrics["accuracy"] == 1.0 and r.metrics["by_category"]["gsm_symbolic"]["n"] == 5
         lines = [json.loads(x) for x in (r.dir / "items.jsonl").read_text().splitlines()]
         assert sorted(x["id"] for x in lines) == sorted(i.id for i in items)
-        assert all(x["verdict"]["passed"] and x["prompt"][-1]["role"] == "user" and x["reply"]["content"] for x in lines)
+        assert all(x["verdict"]["passed"] and x["prompt"][-1]["role"] == "user" and x["reply"]["content"]
+                   for x in lines)
         # a rerun: every record is read back, no request sent
         r2 = run_suite(s, make_model_client(srv.url, concurrency=4, cache_dir=str(tmp_path / "cache")), tmp_path,
                        model=client.model, limit=5, progress=False)

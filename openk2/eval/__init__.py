@@ -5,7 +5,7 @@
 
 | module | what it does |
 |---|---|
-| ``core``      | :class:`Item`, :class:`Suite`, :func:`run_suite` (JSONL per item, resume, concurrency, progress, summaries, plot) |
+| ``core``      | :class:`Item`, :class:`Suite`, :func:`run_suite` (JSONL, resume, concurrency, summaries, plot) |
 | ``stats``     | the unbiased pass@k estimator |
 | ``humaneval`` | HumanEval in the sandbox (pass@1, pass@k) |
 | ``math``      | reasoning-gym gsm_symbolic + basic_arithmetic, checked with math-verify |

@@ -80,7 +80,8 @@ def model_output(reply: dict[str, Any], names: dict[str, str]) -> tuple[list[dic
 class BFCL(Suite):
     name = "bfcl"
     max_tokens = 384
-    description = "BFCL single-turn (simple, multiple, parallel, parallel_multiple, irrelevance), bfcl-eval's AST checker"
+    description = ("BFCL single-turn (simple, multiple, parallel, parallel_multiple, irrelevance), "
+                   "bfcl-eval's AST checker")
 
     def __init__(self, categories: tuple[str, ...] = tuple(CATEGORIES)) -> None:
         unknown = [c for c in categories if c not in CATEGORIES]

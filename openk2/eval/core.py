@@ -204,7 +204,8 @@ def run_suite(suite: Suite, client: Any, out: str | os.PathLike, *, model: str =
 
         def base_rec(it: Item, s: int, kw: dict[str, Any], h: str) -> dict[str, Any]:
             return {"key": record_key(it.id, s), "id": it.id, "sample": s, "category": it.category,
-                    "request_hash": h, "prompt": kw["messages"], "tools": [t["function"]["name"] for t in it.tools or []]}
+                    "request_hash": h, "prompt": kw["messages"],
+                    "tools": [t["function"]["name"] for t in it.tools or []]}
 
         async def finish(it, s, kw, h, resp_or_exc) -> None:
             nonlocal errors
