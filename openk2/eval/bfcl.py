@@ -1,8 +1,8 @@
 """BFCL single-turn (PyPI `bfcl-eval`): simple, multiple, parallel, parallel_multiple, irrelevance.
 
-The questions and possible answers are the package's own files (read with :func:`openk2.sft.data.bfcl_dir`);
+The questions and possible answers are the package's own files (read with :func:`openk2.data.bfcl.read_category`);
 the functions are offered as OpenAI tools (BFCL's Python type names mapped to JSON Schema by
-:func:`openk2.sft.data.bfcl_schema`; a dotted name such as ``math.factorial`` is sent as ``math_factorial``,
+:func:`openk2.data.bfcl.bfcl_schema`; a dotted name such as ``math.factorial`` is sent as ``math_factorial``,
 since OpenAI-style endpoints allow only ``[a-zA-Z0-9_-]``, and mapped back). The reply's tool calls are
 judged by bfcl-eval's own AST checker (``bfcl_eval.eval_checker.ast_eval.ast_checker``) against the possible
 answers. Irrelevance items pass when the model calls no function, as in BFCL.
@@ -15,6 +15,7 @@ import sys
 import types
 from typing import Any
 
+from openk2.errors import DataError
 from openk2.eval.core import EvalError, Item, Suite
 
 CATEGORIES = {"simple": "simple_python", "multiple": "multiple", "parallel": "parallel",
@@ -90,30 +91,18 @@ class BFCL(Suite):
         self.categories = categories
 
     def load(self) -> list[Item]:
-        from openk2.sft.data import bfcl_dir, bfcl_schema
+        from openk2.data.bfcl import function_tool, read_category
 
-        d = bfcl_dir()
         out = []
         for cat in self.categories:
             f = CATEGORIES[cat]
-            qpath, apath = d / f"BFCL_v4_{f}.json", d / "possible_answer" / f"BFCL_v4_{f}.json"
-            if not qpath.is_file():
-                raise EvalError(f"bfcl-eval has no category {f!r} ({qpath} is missing)")
-            answers = {}
-            if cat != "irrelevance":
-                for line in apath.read_text(encoding="utf-8").splitlines():
-                    if line.strip():
-                        a = json.loads(line)
-                        answers[a["id"]] = a["ground_truth"]
-            for line in qpath.read_text(encoding="utf-8").splitlines():
-                if not line.strip():
-                    continue
-                q = json.loads(line)
-                tools = [{"type": "function", "function": {"name": wire_name(fn["name"]),
-                                                           "description": fn.get("description", ""),
-                                                           "parameters": bfcl_schema(fn.get("parameters", {}))}}
-                         for fn in q["function"]]
-                gold = {"functions": q["function"], "possible_answer": answers.get(q["id"])}
+            try:
+                rows = list(read_category(f, answers=cat != "irrelevance"))
+            except DataError as e:
+                raise EvalError(str(e)) from e
+            for q, truth in rows:
+                tools = [function_tool(fn, wire_name(fn["name"])) for fn in q["function"]]
+                gold = {"functions": q["function"], "possible_answer": truth}
                 out.append(Item(q["id"], [dict(m) for m in q["question"][0]], gold=gold, tools=tools, category=cat))
         return out
 
@@ -136,11 +125,11 @@ class BFCL(Suite):
 
 def gold_reply(item: Item) -> dict[str, Any]:
     """A reply holding the first possible answer of every call (irrelevance: no call)."""
-    from openk2.sft.data import _gold_arguments
+    from openk2.data.bfcl import gold_arguments
 
     calls = []
     for call in item.gold["possible_answer"] or []:
         (name, params), = call.items()
         calls.append({"type": "function", "function": {"name": wire_name(name),
-                                                       "arguments": json.dumps(_gold_arguments(params))}})
+                                                       "arguments": json.dumps(gold_arguments(params))}})
     return {"content": "" if calls else "None of the functions fit.", "tool_calls": calls}

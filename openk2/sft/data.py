@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from openk2.data.bfcl import function_tool, gold_arguments, read_category
 from openk2.errors import DataError
 from openk2.model.loss import IGNORE_INDEX
 
@@ -118,87 +119,19 @@ def load_jsonl(path: str | os.PathLike) -> list[Conversation]:
     return out
 
 
-_BFCL_TYPES = {"dict": "object", "float": "number", "tuple": "array", "list": "array", "int": "integer",
-               "bool": "boolean", "str": "string", "String": "string", "any": None, "Any": None}
-
-
-def bfcl_schema(schema: Any) -> Any:
-    """A BFCL parameter schema as JSON Schema (BFCL writes Python type names: dict, float, tuple, any)."""
-    if isinstance(schema, list):
-        return [bfcl_schema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for k, v in schema.items():
-        if k == "type" and isinstance(v, str):
-            t = _BFCL_TYPES.get(v, v)
-            if t is not None:
-                out[k] = t
-        elif k in ("properties",) and isinstance(v, dict):
-            out[k] = {name: bfcl_schema(s) for name, s in v.items()}
-        elif k in ("items", "additionalProperties"):
-            out[k] = bfcl_schema(v)
-        elif k == "optional":
-            continue
-        else:
-            out[k] = v
-    return out
-
-
-def bfcl_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("bfcl_eval")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("SFT source 'bfcl' needs the bfcl-eval package: pip install --no-deps bfcl-eval==2026.3.23")
-    return Path(list(spec.submodule_search_locations)[0]) / "data"
-
-
-def _resolve(value: Any) -> Any:
-    """A BFCL possible value with its nested possibilities resolved: a dict's fields are lists of possible
-    values (the first is taken; "" first marks a field that may be left out)."""
-    if isinstance(value, dict):
-        return {k: _resolve(v[0]) for k, v in value.items()
-                if not (isinstance(v, list) and (not v or v[0] == ""))} if all(
-            isinstance(v, list) for v in value.values()) else value
-    if isinstance(value, list):
-        return [_resolve(v) for v in value]
-    return value
-
-
-def _gold_arguments(params: dict[str, list]) -> dict[str, Any]:
-    """The first possible value of every parameter; one whose first possibility is "" (may be omitted) is left out."""
-    return {name: _resolve(values[0]) for name, values in params.items() if values and values[0] != ""}
-
-
 def bfcl_conversations(categories: Sequence[str] = BFCL_CATEGORIES) -> list[Conversation]:
     """BFCL single-call questions: the user turn(s), the declared functions, the gold call as the answer."""
     from openk2.chat import schema_errors
 
-    d = bfcl_dir()
     out = []
     for cat in categories:
-        qpath, apath = d / f"BFCL_v4_{cat}.json", d / "possible_answer" / f"BFCL_v4_{cat}.json"
-        if not qpath.is_file() or not apath.is_file():
-            raise DataError(f"bfcl-eval has no category {cat!r} ({qpath} or {apath} is missing)")
-        answers = {}
-        for line in apath.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                a = json.loads(line)
-                answers[a["id"]] = a["ground_truth"]
-        for line in qpath.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            q = json.loads(line)
-            gold = answers.get(q["id"])
+        for q, gold in read_category(cat):
             if not gold or len(gold) != 1 or len(q["question"]) != 1:
                 continue  # single-call, single-turn items only
             (name, params), = gold[0].items()
-            tools = [{"type": "function", "function": {"name": f["name"], "description": f.get("description", ""),
-                                                       "parameters": bfcl_schema(f.get("parameters", {}))}}
-                     for f in q["function"]]
+            tools = [function_tool(f) for f in q["function"]]
             declared = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
-            args = _gold_arguments(params)
+            args = gold_arguments(params)
             if name not in declared or schema_errors(args, declared[name]):
                 continue  # a gold call its own schema rejects (a few BFCL items): not a training target
             msgs = [dict(m) for m in q["question"][0]]
@@ -492,5 +425,5 @@ def mixture_counts(examples: dict[str, list[Example]]) -> dict[str, dict[str, fl
 
 
 __all__ = ["BFCL_CATEGORIES", "ChatFormat", "Conversation", "EncodeStats", "Example", "SFTDataset",
-           "bfcl_conversations", "bfcl_schema", "collate", "encode_all", "fixed_batches", "is_held_out", "load_jsonl",
+           "bfcl_conversations", "collate", "encode_all", "fixed_batches", "is_held_out", "load_jsonl",
            "load_source", "math_conversations", "mixture_counts", "pack_first_fit", "split", "token_stats"]

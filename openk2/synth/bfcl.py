@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-from pathlib import Path
 from typing import Any
+
+from openk2.data.bfcl import bfcl_dir, function_tool
 
 APIS = {  # BFCL doc file -> (module, class); the memory and web-search APIs are left out (need a backend / network)
     "gorilla_file_system": ("gorilla_file_system", "GorillaFileSystem"),
@@ -28,10 +29,6 @@ APIS = {  # BFCL doc file -> (module, class); the memory and web-search APIs are
     "vehicle_control": ("vehicle_control", "VehicleControlAPI"),
 }
 _PKG = "bfcl_eval.eval_checker.multi_turn_eval.func_source_code"
-_TYPES = {"dict": "object", "float": "number", "tuple": "array", "int": "integer", "str": "string", "bool": "boolean",
-          "list": "array"}
-
-
 def available() -> bool:
     try:
         importlib.import_module(_PKG)
@@ -40,51 +37,23 @@ def available() -> bool:
         return False
 
 
-def json_schema(s: Any) -> Any:
-    """A BFCL parameter schema as JSON schema."""
-    if isinstance(s, list):
-        return [json_schema(x) for x in s]
-    if not isinstance(s, dict):
-        return s
-    out = {}
-    for k, v in s.items():
-        if k == "type":
-            if v == "any":
-                continue
-            out[k] = _TYPES.get(v, v)
-        elif k in ("properties",) and isinstance(v, dict):
-            out[k] = {name: json_schema(p) for name, p in v.items()}
-        elif k in ("items", "additionalProperties"):
-            out[k] = json_schema(v)
-        elif k == "default":
-            continue  # BFCL defaults are documentation, often not of the declared type
-        else:
-            out[k] = v
-    if out.get("type") == "array" and "items" not in out:
-        out["items"] = {}
-    return out
-
-
 def bfcl_tools() -> list[dict[str, Any]]:
     """Repository entries for the executable BFCL APIs (empty when bfcl-eval is not installed)."""
     if not available():
         return []
-    import bfcl_eval
-
-    docs = Path(bfcl_eval.__file__).parent / "data" / "multi_turn_func_doc"
+    docs = bfcl_dir() / "multi_turn_func_doc"
     out = []
     for api in APIS:
         for line in (docs / f"{api}.json").read_text().splitlines():
             if not line.strip():
                 continue
             d = json.loads(line)
-            params = json_schema(d.get("parameters") or {"type": "dict", "properties": {}})
-            params["type"] = "object"
+            tool = function_tool(d)
+            tool["function"]["parameters"]["type"] = "object"
             out.append({
                 "id": f"bfcl/{api}/{d['name']}", "source": "bfcl", "server": f"bfcl:{api}", "package": "bfcl-eval",
                 "executable": True,
-                "tool": {"type": "function", "function": {"name": d["name"], "description": d.get("description", ""),
-                                                          "parameters": params}},
+                "tool": tool,
                 "annotations": {}, "bfcl": {"api": api, "response": d.get("response")},
             })
     return out
